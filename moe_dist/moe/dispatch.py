@@ -1,0 +1,82 @@
+"""Token dispatch: sort (token, expert) assignments by expert, run experts, weight and un-sort.
+
+Two dispatchers share one interface::
+
+    expert_in, tokens_per_local_expert, handle = dispatcher.dispatch(x_TD, indices_TK, valid_TK)
+    expert_out = experts(expert_in, tokens_per_local_expert)
+    y_TD = dispatcher.combine(expert_out, weights_TK, handle)
+
+:class:`LocalDispatcher` keeps everything on one device. The all-to-all dispatcher for expert
+parallelism lives in ``moe_dist.distributed.expert_parallel`` and is installed by
+``apply_ep``; this module has no communication.
+
+Shapes: T tokens, K slots, N = T*K assignments, D hidden, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PermuteState:
+    """What :func:`unpermute` needs to put expert outputs back in token order."""
+
+    sort_order_N: torch.Tensor  # assignment index (token-major t*K+k) of each sorted row
+    valid_N: torch.Tensor | None  # validity of each sorted row
+    num_tokens: int
+    top_k: int
+
+
+def permute(x_TD: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
+            valid_TK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, PermuteState]:
+    """Gather token rows in expert order. Returns (x_sorted [N, D], tokens_per_expert [E], state).
+
+    Invalid assignments are sorted to the end under a sentinel expert id and are not counted,
+    so the shapes stay fixed (no host sync): the rows past ``tokens_per_expert.sum()`` are padding.
+    """
+    num_tokens, top_k = indices_TK.shape
+    experts_N = indices_TK.reshape(-1)
+    if valid_TK is not None:
+        experts_N = torch.where(valid_TK.reshape(-1), experts_N, num_experts)
+    sort_order_N = torch.argsort(experts_N, stable=True)
+    tokens_per_expert = torch.bincount(experts_N, minlength=num_experts + 1)[:num_experts]
+    x_sorted = x_TD.index_select(0, sort_order_N // top_k)
+    valid_N = None if valid_TK is None else valid_TK.reshape(-1)[sort_order_N]
+    return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k)
+
+
+def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs, back in token order.
+
+    Deterministic: rows are un-sorted with a gather through the inverse permutation and then
+    summed over the K slots, with no scatter-add.
+    """
+    if state.valid_N is not None:
+        y_ND = torch.where(state.valid_N.unsqueeze(-1), y_ND, 0.0)
+    inverse_N = torch.empty_like(state.sort_order_N)
+    inverse_N[state.sort_order_N] = torch.arange(state.sort_order_N.numel(), device=y_ND.device)
+    y_TKD = y_ND.index_select(0, inverse_N).view(state.num_tokens, state.top_k, -1)
+    out_TD = torch.einsum("tkd,tk->td", y_TKD.float(), weights_TK.float())
+    return out_TD.to(y_ND.dtype)
+
+
+@dataclass
+class LocalHandle:
+    permute_state: PermuteState
+
+
+class LocalDispatcher:
+    """Single-device dispatch: every expert is local."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, valid_TK: torch.Tensor | None):
+        x_sorted, tokens_per_expert, state = permute(x_TD, indices_TK, self.num_experts, valid_TK)
+        return x_sorted, tokens_per_expert, LocalHandle(state)
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        return unpermute(y_ND, weights_TK, handle.permute_state)

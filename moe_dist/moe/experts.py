@@ -1,0 +1,110 @@
+"""SwiGLU experts evaluated as one grouped GEMM over expert-sorted tokens.
+
+Input rows arrive sorted by expert with ``tokens_per_expert`` rows each (trailing rows past
+the sum are padding and come back as zeros). The fast path is ``torch._grouped_mm`` with
+device-side offsets (no host sync); the exact fallback loops over experts.
+
+Weights: ``w13[E, D, 2F]`` (gate and up projections fused) and ``w2[E, F, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch._grouped_mm``'s backward rejects expanded (stride-0) gradients, such as the one
+    ``out.sum().backward()`` produces.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm accepts these operands (16-byte aligned rows, float dtypes)."""
+    if not _HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        return False  # the CUDA kernel is bf16/fp16 only
+    align = 16 // x.element_size()
+    return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+
+
+def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: torch.Tensor,
+                   backend: str = "auto") -> torch.Tensor:
+    """``out[rows of e] = x[rows of e] @ w[e]`` for rows sorted by expert."""
+    use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_ND, w_EDF))
+    if use_grouped:
+        offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        out = torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets)
+        out = _ContiguousGrad.apply(out)
+        # Rows past the last offset are padding; grouped_mm leaves them undefined.
+        row = torch.arange(x_ND.shape[0], device=x_ND.device)
+        return torch.where((row < offsets[-1]).unsqueeze(-1), out, 0.0) if len(offsets) else out
+    return _loop_matmul(x_ND, w_EDF, tokens_per_expert)
+
+
+def _loop_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    # NOTE: device-to-host sync on the counts; this is the reference path, not the fast one.
+    counts = tokens_per_expert.tolist()
+    pieces, start = [], 0
+    for expert, count in enumerate(counts):
+        pieces.append(x_ND[start:start + count] @ w_EDF[expert].to(x_ND.dtype))
+        start += count
+    padding = x_ND.shape[0] - start
+    if padding:
+        pieces.append(x_ND.new_zeros(padding, w_EDF.shape[-1]))
+    return torch.cat(pieces, dim=0) if pieces else x_ND.new_zeros(0, w_EDF.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` SwiGLU experts; under EP this module holds only the local ones.
+
+    ``expert_offset`` is the global id of local expert 0 (set by expert parallelism).
+    """
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.dim = dim
+        self.ffn_dim = ffn_dim
+        self.backend = backend
+        self.expert_offset = 0
+        self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * ffn_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w13, std=std)
+        nn.init.normal_(self.w2, std=out_std if out_std is not None else std)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        h = grouped_matmul(x_ND, self.w13, tokens_per_expert, self.backend)
+        gate, up = h.chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, self.w2, tokens_per_expert, self.backend)
+
+    def flops_per_assignment(self) -> int:
+        return 2 * 3 * self.dim * self.ffn_dim
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, "
+                f"offset={self.expert_offset}, backend={self.backend}")
+
+
+def init_std_for_output(std: float, n_layers: int) -> float:
+    """Output projections are scaled down with depth (GPT-2 / Megatron)."""
+    return std / math.sqrt(2 * n_layers)

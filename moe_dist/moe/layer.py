@@ -1,0 +1,97 @@
+"""MoELayer = router -> capacity policy -> dispatcher -> grouped experts -> combine
+(+ shared experts).
+
+The layer is written for one device. Expert parallelism replaces ``self.dispatcher`` with an
+all-to-all dispatcher and slices ``self.experts`` to the local shard (``apply_ep``); nothing
+else changes, which is what makes the single-process twin an exact reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.config import MoEConfig
+from moe_dist.moe import capacity as cap
+from moe_dist.moe.dispatch import LocalDispatcher
+from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.router import RoutingResult, build_router
+from moe_dist.moe.stats import ExpertLoadStats
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts SwiGLU MLP. ``forward`` returns ``(out, losses)``."""
+
+    def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.expert_ffn_dim = cfg.expert_ffn_dim or ffn_dim
+        self.router = build_router(dim, cfg.num_experts, cfg.router)
+        self.experts = GroupedExperts(cfg.num_experts, dim, self.expert_ffn_dim, cfg.grouped_gemm)
+        self.shared_experts = (SwiGLU(dim, self.expert_ffn_dim * cfg.num_shared_experts)
+                               if cfg.num_shared_experts > 0 else None)
+        self.dispatcher = LocalDispatcher(cfg.num_experts)
+        self.stats = ExpertLoadStats(cfg.num_experts)
+
+    def set_dispatcher(self, dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def capacity_for(self, num_tokens: int, top_k: int) -> int | None:
+        """Per-expert capacity for this (local) batch, or None when dropless."""
+        policy = self.cfg.capacity
+        if policy.policy == "dropless":
+            return None
+        factor = policy.capacity_factor if self.training else policy.eval_capacity_factor
+        if policy.policy == "fixed":
+            return cap.expert_capacity(num_tokens, self.num_experts, top_k, factor)
+        from moe_dist.moe import capacity_dynamic  # dynamic / controller policies
+
+        return capacity_dynamic.capacity_for(self, num_tokens, top_k)
+
+    def route(self, x_TD: torch.Tensor, seq_len: int | None) -> RoutingResult:
+        routing = self.router(x_TD, seq_len=seq_len)
+        capacity = self.capacity_for(routing.num_tokens, routing.top_k)
+        if capacity is not None:
+            priority = routing.weights if self.cfg.capacity.drop_policy == "score" else None
+            kept = cap.apply_capacity(routing.indices, routing.valid, self.num_experts, capacity, priority)
+            routing.valid = kept
+            routing.weights = torch.where(kept, routing.weights, 0.0)
+        return routing
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch, seq_len, dim = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, dim)
+        routing = self.route(x_TD, seq_len)
+        if self.training:
+            self._record(routing)
+
+        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.indices, routing.valid)
+        expert_out = self.experts(expert_in, tokens_per_expert)
+        out_TD = self.dispatcher.combine(expert_out, routing.weights, handle)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        return out_TD.view(batch, seq_len, dim), routing.losses
+
+    @torch.no_grad()
+    def _record(self, routing: RoutingResult) -> None:
+        if routing.valid is None:
+            kept = routing.tokens_per_expert
+        else:
+            experts = torch.where(routing.valid, routing.indices, self.num_experts)
+            kept = torch.bincount(experts.flatten(), minlength=self.num_experts + 1)[:self.num_experts]
+        self.stats.update(routing.tokens_per_expert, kept, routing.num_tokens)

@@ -1,0 +1,109 @@
+"""Token-choice top-k gates.
+
+A router maps tokens to experts and returns data, never side effects: a
+:class:`RoutingResult` with the chosen expert ids, their combine weights, a validity mask
+(capacity and variable-k routers switch slots off), per-expert counts and the weighted
+balancing losses. Routing math runs in fp32 whatever the activation dtype.
+
+Shapes: T tokens, D hidden, E experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.config import RouterConfig
+from moe_dist.moe import balance
+
+
+@dataclass
+class RoutingResult:
+    indices: torch.Tensor  # [T, K] int64, global expert ids
+    weights: torch.Tensor  # [T, K] fp32 combine weights (0 where not valid)
+    valid: torch.Tensor | None  # [T, K] bool, None when every slot is used
+    scores: torch.Tensor  # [T, E] fp32 router probabilities (softmax or sigmoid)
+    tokens_per_expert: torch.Tensor  # [E] int64, assignments before capacity
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already weighted
+
+    @property
+    def num_tokens(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.indices.shape[1]
+
+
+class TopKRouter(nn.Module):
+    """Softmax (GShard/Switch/Mixtral) or sigmoid (DeepSeek-V3) top-k gate.
+
+    With ``bias_update_rate > 0`` an auxiliary-loss-free bias is added to the scores for the
+    *selection* only; the combine weights use the unbiased scores (Wang et al. 2024).
+    """
+
+    def __init__(self, dim: int, num_experts: int, cfg: RouterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.top_k = cfg.top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        # Selection bias of auxiliary-loss-free balancing; identical on every rank because
+        # it is only changed from all-reduced counts (balance.update_selection_bias).
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.training and self.cfg.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
+            x_TD = x_TD * noise
+        return F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
+        logits_TE = self.logits(x_TD)
+        if self.cfg.type == "sigmoid_topk":
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+
+        selection_TE = scores_TE + self.expert_bias if self.cfg.bias_update_rate > 0 else scores_TE
+        _, indices_TK = torch.topk(selection_TE.detach(), self.top_k, dim=-1, sorted=True)
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if self.cfg.normalize_weights and (self.top_k > 1 or self.cfg.type == "sigmoid_topk"):
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        tokens_per_expert = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        losses = self._losses(logits_TE, scores_TE, indices_TK, tokens_per_expert, seq_len)
+        return RoutingResult(indices_TK, weights_TK, None, scores_TE, tokens_per_expert, losses)
+
+    def _losses(self, logits_TE, scores_TE, indices_TK, tokens_per_expert, seq_len):
+        cfg = self.cfg
+        losses: dict[str, torch.Tensor] = {}
+        if not self.training:
+            return losses
+        if cfg.aux_loss_coef > 0:
+            probs_TE = scores_TE if cfg.type != "sigmoid_topk" else \
+                scores_TE / scores_TE.sum(-1, keepdim=True)
+            losses["aux_loss"] = cfg.aux_loss_coef * balance.switch_aux_loss(
+                probs_TE, tokens_per_expert, self.top_k)
+        if cfg.seq_aux_loss_coef > 0 and seq_len:
+            losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * balance.sequence_aux_loss(
+                scores_TE, indices_TK, seq_len)
+        if cfg.z_loss_coef > 0:
+            losses["z_loss"] = cfg.z_loss_coef * balance.z_loss(logits_TE)
+        return losses
+
+
+def build_router(dim: int, num_experts: int, cfg: RouterConfig) -> nn.Module:
+    """The router named by ``cfg.type``."""
+    if cfg.type in ("softmax_topk", "sigmoid_topk"):
+        return TopKRouter(dim, num_experts, cfg)
+    from moe_dist.moe import routers_extra  # variable-k and expert-choice gates
+
+    return routers_extra.build(dim, num_experts, cfg)
