@@ -1,0 +1,18 @@
+"""Monitoring: metric sinks (TensorBoard, metrics.jsonl, null), expert-load tracking,
+FLOPs/MFU, throughput and the progress bar. Names and formulas: docs/metrics.md."""
+
+from moe_dist.metrics.expert_load import ExpertLoadReport, ExpertLoadTracker, LayerLoad, render_heatmap
+from moe_dist.metrics.flops import (FlopsBreakdown, mfu, peak_tflops, resolve_peak_tflops,
+                                    training_flops_per_token)
+from moe_dist.metrics.progress import ProgressBar, build_progress
+from moe_dist.metrics.sink import (JSONL_KEYS, JsonlSink, MetricsLogger, MetricsSink, NullSink,
+                                   TensorBoardSink, build_sinks, read_metrics, to_host_scalars)
+from moe_dist.metrics.throughput import DeviceMeans, Throughput, ThroughputMeter
+
+__all__ = [
+    "DeviceMeans", "ExpertLoadReport", "ExpertLoadTracker", "FlopsBreakdown", "JSONL_KEYS", "JsonlSink",
+    "LayerLoad", "MetricsLogger", "MetricsSink", "NullSink", "ProgressBar", "TensorBoardSink",
+    "Throughput", "ThroughputMeter", "build_progress", "build_sinks", "mfu", "peak_tflops",
+    "read_metrics", "render_heatmap", "resolve_peak_tflops", "to_host_scalars",
+    "training_flops_per_token",
+]

@@ -1,0 +1,296 @@
+"""Where metrics go: TensorBoard event files, ``metrics.jsonl``, or nowhere.
+
+Every writer implements the :class:`MetricsSink` protocol. The trainer holds exactly one object,
+the :class:`MetricsLogger` returned by :func:`build_sinks`, and calls it unconditionally on
+every rank; on ranks that do not log it fans out to a :class:`NullSink`, so no
+``if rank == 0`` appears in the training loop.
+
+Scalar names: the trainer always passes TensorBoard tags (``train/loss``, ``perf/mfu``, ...).
+TensorBoard stores them as given. :class:`JsonlSink` renames the documented tags to the plain
+keys of ``metrics.jsonl`` (``train/loss`` -> ``loss``, ``val/loss`` -> ``val_loss``; see
+:data:`JSONL_KEYS` and docs/metrics.md), keeps any other tag verbatim, and merges every scalar of
+one step into a single JSON line ``{"step": s, ...}``.
+
+Host synchronisation: sinks only accept host values. :func:`to_host_scalars` turns a mapping
+that may hold 0-d device tensors into floats with one stacked device-to-host copy; the logger
+calls it, so the trainer can pass its device-side accumulators directly, at logging steps only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+ScalarLike = float | int | torch.Tensor
+
+JSONL_KEYS: dict[str, str] = {
+    "train/loss": "loss",
+    "train/lm_loss": "lm_loss",
+    "train/aux_loss": "aux_loss",
+    "train/z_loss": "z_loss",
+    "train/lr": "lr",
+    "train/grad_norm": "grad_norm",
+    "val/loss": "val_loss",
+    "perf/tokens_per_s": "tokens_per_s",
+    "perf/mfu": "mfu",
+    "perf/step_time_ms": "step_time_ms",
+}
+"""TensorBoard tag -> ``metrics.jsonl`` key. Tags not listed keep their tag as the key."""
+
+JSONL_FILENAME = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tb"
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """A destination for metrics. Steps are optimizer steps; tags are TensorBoard tags."""
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None: ...
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None: ...
+
+    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None: ...
+
+    def text(self, tag: str, text: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    """Accepts everything and writes nothing (ranks that do not log, or logging disabled)."""
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        pass
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        pass
+
+    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None:
+        pass
+
+    def text(self, tag: str, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Writes TensorBoard event files into ``log_dir`` through ``SummaryWriter``."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        # Imported here: the writer pulls in tensorboard/protobuf, which ranks that never log
+        # (and tests that never touch TensorBoard) should not pay for.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        self._writer.add_histogram(tag, np.asarray(values, dtype=np.float64), global_step=step)
+
+    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None:
+        _check_chw(tag, image_chw)
+        self._writer.add_image(tag, image_chw, global_step=step, dataformats="CHW")
+
+    def text(self, tag: str, text: str) -> None:
+        self._writer.add_text(tag, text, global_step=0)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class JsonlSink:
+    """Appends one JSON object per logged step to ``path``.
+
+    Scalars of the same step are merged: the pending line is written when a scalar for another
+    step arrives, on :meth:`flush` and on :meth:`close`. The trainer calls ``flush()`` once per
+    logging step, after all of that step's scalars. Should scalars for a step that was already
+    written arrive later, they go out as a second line with the same ``step``;
+    :func:`read_metrics` merges lines by step (later values win, which also resolves the steps
+    that a resumed run repeats). Non-finite values are written as ``null`` (strict JSON).
+    Histograms, images and text are TensorBoard-only and ignored here.
+    """
+
+    def __init__(self, path: str | Path, key_map: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._key_map = dict(JSONL_KEYS if key_map is None else key_map)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._step: int | None = None
+        self._pending: dict[str, float | None] = {}
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._step is not None and step != self._step:
+            self._write_pending()
+        self._step = step
+        for tag, value in values.items():
+            number = float(value)
+            self._pending[self._key_map.get(tag, tag)] = number if math.isfinite(number) else None
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        pass
+
+    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None:
+        pass
+
+    def text(self, tag: str, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        self._write_pending()
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+    def _write_pending(self) -> None:
+        if self._step is None or not self._pending:
+            return
+        record: dict[str, Any] = {"step": self._step, **self._pending}
+        self._file.write(json.dumps(record) + "\n")
+        self._step = None
+        self._pending = {}
+
+
+class MetricsLogger:
+    """Fans every call out to its sinks; the one metrics object the trainer holds.
+
+    ``scalars`` accepts floats or 0-d tensors (moved to the host in one copy). ``enabled`` is
+    False when no sink writes anything, so callers may skip building expensive payloads (an
+    image, say); collectives such as the expert-load reduce must still run on every rank.
+    """
+
+    def __init__(self, sinks: Sequence[MetricsSink]) -> None:
+        self.sinks = list(sinks)
+        self.enabled = any(not isinstance(sink, NullSink) for sink in self.sinks)
+
+    def scalars(self, step: int, values: Mapping[str, ScalarLike]) -> None:
+        if not self.enabled or not values:
+            return
+        host = to_host_scalars(values)
+        for sink in self.sinks:
+            sink.scalars(step, host)
+
+    def histogram(self, step: int, tag: str, values: np.ndarray | torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        for sink in self.sinks:
+            sink.histogram(step, tag, array)
+
+    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None:
+        if not self.enabled:
+            return
+        _check_chw(tag, image_chw)
+        for sink in self.sinks:
+            sink.image(step, tag, image_chw)
+
+    def text(self, tag: str, text: str) -> None:
+        for sink in self.sinks:
+            sink.text(tag, text)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_sinks(run_dir: str | Path, log_cfg: Any, is_logging_rank: bool) -> MetricsLogger:
+    """The metrics logger for this rank.
+
+    The logging rank writes ``<run_dir>/metrics.jsonl`` always and ``<run_dir>/tb/`` when
+    ``log.tensorboard`` is true; every other rank gets a logger over a :class:`NullSink`.
+    ``log_cfg`` is the ``log`` section of the config (``LogConfig``).
+    """
+    if not is_logging_rank:
+        return MetricsLogger([NullSink()])
+    run_dir = Path(run_dir)
+    sinks: list[MetricsSink] = [JsonlSink(run_dir / JSONL_FILENAME)]
+    if log_cfg.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / TENSORBOARD_SUBDIR))
+    return MetricsLogger(sinks)
+
+
+def to_host_scalars(values: Mapping[str, ScalarLike]) -> dict[str, float]:
+    """Floats for a mapping of Python numbers and 0-d (or 1-element) tensors.
+
+    All tensors are stacked and copied together: one device-to-host sync per call, however many
+    metrics there are, instead of one ``.item()`` each.
+    """
+    out: dict[str, float] = {}
+    tensor_keys: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"metric {key!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            tensor_keys.append(key)
+            tensors.append(value.detach().reshape(()).to(torch.float64))
+        else:
+            out[key] = float(value)
+    if tensors:
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:  # rare: move everything next to the first one, then copy once
+            tensors = [t.to(tensors[0].device) for t in tensors]
+        # NOTE: device-to-host sync (once for all tensor-valued metrics).
+        host = torch.stack(tensors).cpu().tolist()
+        out.update(zip(tensor_keys, host))
+    return {key: out[key] for key in values}
+
+
+def read_metrics(path: str | Path) -> dict[int, dict[str, float | None]]:
+    """``metrics.jsonl`` as {step: {key: value}}, merging lines of the same step (later wins).
+
+    A cut-off last line (the process was killed while writing it) is skipped; a malformed line
+    anywhere else is an error.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    merged: dict[int, dict[str, float | None]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON ({exc}); delete or fix that line") from exc
+        step = int(record.pop("step"))
+        merged.setdefault(step, {}).update(record)
+    return dict(sorted(merged.items()))
+
+
+def _check_chw(tag: str, image_chw: np.ndarray) -> None:
+    shape = np.shape(image_chw)
+    if len(shape) != 3 or shape[0] not in (1, 3, 4):
+        raise ValueError(f"image {tag!r} must be CHW with 1, 3 or 4 channels, got shape {shape}")

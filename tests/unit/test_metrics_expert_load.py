@@ -1,0 +1,147 @@
+"""ExpertLoadTracker: math against hand-computed values, one reduce, reset, TensorBoard output."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from moe_dist.metrics import ExpertLoadTracker, MetricsLogger, TensorBoardSink, render_heatmap
+from moe_dist.moe.stats import ExpertLoadStats
+
+
+def _stats(routed, kept, tokens) -> ExpertLoadStats:
+    stats = ExpertLoadStats(len(routed))
+    stats.update(torch.tensor(routed), torch.tensor(kept), tokens)
+    return stats
+
+
+def test_layer_metrics_match_hand_computation():
+    stats = _stats([4, 2, 2, 0], [3, 2, 2, 0], 4)
+    report = ExpertLoadTracker([stats], layer_ids=[3]).collect()
+    (layer,) = report.layers
+    assert layer.layer_id == 3
+    np.testing.assert_allclose(layer.load, [3 / 7, 2 / 7, 2 / 7, 0.0])
+    assert layer.drop_rate == pytest.approx(1 / 8)       # 1 - 7/8
+    assert layer.realized_k == pytest.approx(7 / 4)      # 7 kept assignments / 4 tokens
+    assert layer.dead_experts == 1
+    assert layer.imbalance == pytest.approx(3 / (7 / 4))  # max 3 over mean 7/4
+
+
+def test_split_updates_accumulate_like_one():
+    stats = ExpertLoadStats(4)
+    stats.update(torch.tensor([3, 1, 0, 0]), torch.tensor([2, 1, 0, 0]), 2)
+    stats.update(torch.tensor([1, 1, 2, 0]), torch.tensor([1, 1, 2, 0]), 2)
+    layer = ExpertLoadTracker([stats], [0]).collect().layers[0]
+    np.testing.assert_array_equal(layer.routed, [4, 2, 2, 0])
+    np.testing.assert_array_equal(layer.kept, [3, 2, 2, 0])
+    assert layer.tokens == 4
+
+
+def test_reduce_fn_called_once_and_counters_reset():
+    a = _stats([4, 2, 2, 0], [3, 2, 2, 0], 4)
+    b = _stats([1, 1], [1, 0], 1)
+    calls = []
+
+    def two_identical_ranks(tensor: torch.Tensor) -> None:  # in-place, like dist.all_reduce
+        calls.append(tuple(tensor.shape))
+        tensor.mul_(2)
+
+    tracker = ExpertLoadTracker([a, b], layer_ids=[1, 3], reduce_fn=two_identical_ranks)
+    report = tracker.collect()
+    assert calls == [(2, 2 * 4 + 1)]  # one reduction of the stacked [layers, routed|kept|tokens]
+    first, second = report.layers
+    np.testing.assert_array_equal(first.routed, [8, 4, 4, 0])
+    assert first.tokens == 8 and first.drop_rate == pytest.approx(1 / 8)
+    np.testing.assert_array_equal(second.kept, [2, 0])
+    assert second.num_experts == 2 and second.dead_experts == 1 and second.drop_rate == pytest.approx(0.5)
+    for stats in (a, b):
+        assert stats.routed.sum() == 0 and stats.kept.sum() == 0 and stats.tokens == 0
+
+    empty = tracker.collect()  # nothing happened since: ratios are undefined, not zero
+    assert len(calls) == 2
+    assert empty.layers[0].tokens == 0 and math.isnan(empty.layers[0].imbalance)
+    assert math.isnan(empty.layers[0].realized_k) and empty.layers[0].dead_experts == 4
+
+
+def test_reduce_fn_may_return_a_new_tensor():
+    stats = _stats([2, 2], [2, 1], 2)
+    report = ExpertLoadTracker([stats], [0], reduce_fn=lambda t: t * 3).collect()
+    np.testing.assert_array_equal(report.layers[0].kept, [6, 3])
+    assert report.layers[0].tokens == 6
+
+
+def test_ragged_layers_pad_the_heatmap():
+    wide = _stats([2, 2, 0, 0], [2, 2, 0, 0], 4)
+    narrow = _stats([1, 3], [1, 3], 4)
+    heat = ExpertLoadTracker([wide, narrow], [0, 1]).collect().heatmap
+    assert heat.shape == (2, 4)
+    np.testing.assert_allclose(heat[0], [0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(heat[1, :2], [0.25, 0.75])
+    assert np.isnan(heat[1, 2:]).all()
+
+
+def test_render_heatmap_colours_and_upscales():
+    matrix = np.array([[0.0, 0.5], [1.0, np.nan]])
+    image = render_heatmap(matrix)
+    assert image.dtype == np.uint8 and image.shape == (3, 256, 256)  # 128-pixel cells
+    cell = lambda r, c: tuple(int(v) for v in image[:, r * 128 + 5, c * 128 + 5])  # noqa: E731
+    # Ramp anchors x 255: 0 -> (0.15, 0.05, 0.35), 0.5 -> (0.15, 0.55, 0.55), 1 -> (0.98, 0.90, 0.15).
+    assert cell(0, 0) == (38, 13, 89)
+    assert cell(0, 1) == (38, 140, 140)
+    assert cell(1, 0) == (250, 230, 38)
+    assert cell(1, 1) == (128, 128, 128)  # padding is grey
+    assert (image[:, :128, :128] == image[:, :1, :1]).all()  # a cell is one uniform block
+    assert render_heatmap(np.ones((2, 300))).shape == (3, 2, 300)  # large matrices stay 1:1
+    with pytest.raises(ValueError, match="layers, experts"):
+        render_heatmap(np.ones(4))
+
+
+def test_from_model_reads_block_index_from_module_path():
+    class Block(nn.Module):
+        def __init__(self, moe: bool) -> None:
+            super().__init__()
+            self.mlp = nn.Module()
+            if moe:
+                self.mlp.stats = ExpertLoadStats(4)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(Block(moe=i % 2 == 1) for i in range(4))
+    tracker = ExpertLoadTracker.from_model(model)
+    assert tracker.layer_ids == [1, 3]
+    assert tracker.stats_modules[0] is model.layers[1].mlp.stats
+
+
+def test_bad_construction_names_the_problem():
+    with pytest.raises(ValueError, match="2 stats modules but 1 layer ids"):
+        ExpertLoadTracker([ExpertLoadStats(2), ExpertLoadStats(2)], [0])
+    with pytest.raises(ValueError, match="repeat a layer"):
+        ExpertLoadTracker([ExpertLoadStats(2), ExpertLoadStats(2)], [1, 1])
+
+
+def test_write_logs_documented_tags(tmp_path):
+    tracker = ExpertLoadTracker([_stats([4, 2, 2, 0], [3, 2, 2, 0], 4), _stats([1, 1], [1, 1], 1)],
+                                layer_ids=[1, 3])
+    logger = MetricsLogger([TensorBoardSink(tmp_path)])
+    tracker.write(tracker.collect(), logger, step=7)
+    tracker.write(tracker.collect(), logger, step=8)  # empty window: nothing written
+    logger.close()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for layer in (1, 3):
+        for name in ("imbalance", "drop_rate", "realized_k", "dead_experts"):
+            assert f"moe/layer_{layer}/{name}" in tags["scalars"]
+        assert f"moe/layer_{layer}/load" in tags["histograms"]
+    value = lambda tag: [(e.step, e.value) for e in acc.Scalars(tag)]  # noqa: E731
+    assert value("moe/layer_1/drop_rate") == [(7, pytest.approx(0.125))]
+    assert value("moe/layer_1/realized_k") == [(7, pytest.approx(1.75))]
+    assert value("moe/layer_1/dead_experts") == [(7, 1.0)]
+    assert value("moe/layer_3/imbalance") == [(7, pytest.approx(1.0))]
+    (image,) = acc.Images("moe/load_heatmap")
+    assert (image.step, image.height, image.width) == (7, 128, 256)  # 2 x 4 cells of 64 px
