@@ -1,0 +1,270 @@
+"""Expert parallelism: shard each MoE layer's experts over the ep group and move tokens to them.
+
+:class:`AllToAllDispatcher` has the interface of :class:`moe_dist.moe.dispatch.LocalDispatcher`
+(``dispatch`` -> experts -> ``combine``), so :class:`~moe_dist.moe.layer.MoELayer` runs unchanged;
+:func:`apply_ep` slices every layer's expert weights to the local block and installs it.
+
+Shapes: T local tokens, K slots, N = T*K assignments, D hidden, E global experts,
+P = ep_size ranks, L = E / P local experts, C per-expert capacity, R received rows.
+
+Dropless dispatch (splits depend on the routing):
+
+1. permute the local assignments by global expert id (invalid/dropped ones sort last under a
+   sentinel id and are not sent);
+2. exchange per-expert counts with one all-to-all of E ints on device;
+3. copy the per-rank send/receive row counts to the host -- the only host sync, needed to size
+   the receive buffer (counted in ``host_syncs``);
+4. all-to-all the token rows with uneven splits (autograd: the backward swaps the splits);
+5. the received rows are grouped by (source rank, local expert); re-sort them to local-expert
+   major order so the L local experts run as one grouped GEMM over ``tokens_per_local_expert``.
+
+Capacity-bounded dispatch (``capacity_fn`` returns C): every source rank sends exactly C rows per
+expert (zero rows where the expert got fewer), so every split is ``L*C`` and known without any
+sync; the receive buffer [P, L, C, D] is transposed to [L, P, C, D] and each local expert
+computes P*C rows (the zero padding rows give zero outputs and zero weight gradients, and are
+never gathered back). Combine inverts each step: re-sort back, all-to-all back, un-permute with
+the combine weights.
+
+Worked example, E=4, P=2 (rank 0 holds experts 0,1; rank 1 holds 2,3), dropless: rank 0 routes
+counts [3,0,1,2] and rank 1 routes [1,1,0,4]. Rank 0 sends 3 rows (experts 0,1) to itself and 3
+rows to rank 1; it receives [3,0] from itself and [1,1] from rank 1, i.e. rows ordered
+(src0:e0 x3, src1:e0 x1, src1:e1 x1) -> re-sorted to (e0: src0 x3, src1 x1; e1: src1 x1),
+``tokens_per_local_expert = [4, 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moe_dist.distributed import comms
+from moe_dist.moe.dispatch import PermuteState, permute, unpermute
+from moe_dist.moe.layer import MoELayer
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from moe_dist.distributed.mesh import ParallelMesh
+
+CapacityFn = Callable[[int, int], "int | None"]
+
+
+@dataclass
+class AllToAllHandle:
+    """What :meth:`AllToAllDispatcher.combine` needs to undo :meth:`AllToAllDispatcher.dispatch`."""
+
+    permute_state: PermuteState
+    num_sorted_rows: int  # N: rows of the locally permuted buffer (sent + not sent)
+    send_splits: list[int] | None  # rows sent to each ep rank (dropless)
+    recv_splits: list[int] | None  # rows received from each ep rank (dropless)
+    local_order_R: torch.Tensor | None  # received row -> local-expert-major position (dropless)
+    slot_of_row_N: torch.Tensor | None  # sorted row -> slot e*C+c of the send buffer (capacity)
+    capacity: int | None
+
+
+class AllToAllDispatcher:
+    """Token dispatch over an expert-parallel group (see the module docstring for the steps).
+
+    ``capacity_fn(num_tokens, top_k)`` (the layer's ``capacity_for``) selects the fixed-shape
+    path when it returns an int; ``None`` or a ``None`` result selects the dropless path.
+    """
+
+    def __init__(self, num_experts: int, ep_group: ProcessGroup, ep_rank: int, ep_size: int,
+                 capacity_fn: CapacityFn | None = None) -> None:
+        if num_experts % ep_size != 0:
+            raise ValueError(f"moe.num_experts ({num_experts}) must be divisible by parallel.ep "
+                             f"({ep_size}); use ep in {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}")
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank ({ep_rank}) must be in [0, ep_size={ep_size})")
+        self.num_experts = num_experts
+        self.ep_group = ep_group
+        self.ep_rank = ep_rank
+        self.ep_size = ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.capacity_fn = capacity_fn
+        self.host_syncs = 0
+        """Device-to-host copies made so far (one per dropless dispatch); read by benchmarks."""
+
+    # dispatch ---------------------------------------------------------------------------------
+    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, valid_TK: torch.Tensor | None):
+        x_sorted_ND, tokens_per_expert_E, state = permute(x_TD, indices_TK, self.num_experts, valid_TK)
+        num_tokens, top_k = indices_TK.shape
+        capacity = self.capacity_fn(num_tokens, top_k) if self.capacity_fn is not None else None
+        if capacity is None:
+            return self._dispatch_dropless(x_sorted_ND, tokens_per_expert_E, state)
+        return self._dispatch_capacity(x_sorted_ND, tokens_per_expert_E, state, capacity)
+
+    def _dispatch_dropless(self, x_sorted_ND, tokens_per_expert_E, state):
+        P, L = self.ep_size, self.num_local_experts
+        # Step 2: recv_counts[s*L + l] = rows source rank s sends to my local expert l.
+        recv_counts_E = comms.exchange_counts(tokens_per_expert_E, self.ep_group)
+        send_per_rank = tokens_per_expert_E.view(P, L).sum(1)
+        recv_per_rank = recv_counts_E.view(P, L).sum(1)
+        # Step 3. NOTE: device-to-host sync -- sizes the receive buffer of the uneven all-to-all.
+        splits = torch.cat([send_per_rank, recv_per_rank]).tolist()
+        self.host_syncs += 1
+        send_splits, recv_splits = splits[:P], splits[P:]
+        num_recv = sum(recv_splits)
+
+        # Step 4: valid rows are the first sum(send_splits) sorted rows, already grouped by rank.
+        x_send = x_sorted_ND[:sum(send_splits)]
+        x_recv_RD = comms.AllToAll.apply(x_send, recv_splits, send_splits, self.ep_group)
+
+        # Step 5: (source, local expert) order -> local-expert-major order.
+        local_order_R = local_expert_major_order(recv_counts_E, L, num_recv)
+        expert_in = x_recv_RD.index_select(0, local_order_R)
+        tokens_per_local_expert = recv_counts_E.view(P, L).sum(0)
+        handle = AllToAllHandle(state, x_sorted_ND.shape[0], send_splits, recv_splits, local_order_R,
+                                None, None)
+        return expert_in, tokens_per_local_expert, handle
+
+    def _dispatch_capacity(self, x_sorted_ND, tokens_per_expert_E, state, capacity: int):
+        P, L, C = self.ep_size, self.num_local_experts, capacity
+        num_rows, dim = x_sorted_ND.shape
+        device = x_sorted_ND.device
+        src_row_EC, slot_of_row_N = capacity_slots(tokens_per_expert_E, C, num_rows)
+        x_ext = torch.cat([x_sorted_ND, x_sorted_ND.new_zeros(1, dim)])  # row num_rows reads zeros
+        x_send = x_ext.index_select(0, src_row_EC.reshape(-1))  # [E*C, D], rank-major already
+        splits = [L * C] * P
+        x_recv = comms.AllToAll.apply(x_send, splits, splits, self.ep_group)  # [P*L*C, D]
+        expert_in = x_recv.view(P, L, C, dim).transpose(0, 1).reshape(L * P * C, dim)
+        tokens_per_local_expert = torch.full((L,), P * C, dtype=torch.long, device=device)
+
+        handle = AllToAllHandle(state, num_rows, None, None, None, slot_of_row_N, C)
+        return expert_in, tokens_per_local_expert, handle
+
+    # combine ----------------------------------------------------------------------------------
+    def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        if handle.capacity is None:
+            y_sorted = self._combine_dropless(y_RD, handle)
+        else:
+            y_sorted = self._combine_capacity(y_RD, handle)
+        return unpermute(y_sorted, weights_TK, handle.permute_state)
+
+    def _combine_dropless(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        assert handle.local_order_R is not None and handle.send_splits is not None
+        inverse_R = torch.empty_like(handle.local_order_R)
+        inverse_R[handle.local_order_R] = torch.arange(handle.local_order_R.numel(), device=y_RD.device)
+        y_recv = y_RD.index_select(0, inverse_R)
+        y_sent = comms.AllToAll.apply(y_recv, handle.send_splits, handle.recv_splits, self.ep_group)
+        padding = handle.num_sorted_rows - y_sent.shape[0]
+        return torch.cat([y_sent, y_sent.new_zeros(padding, y_sent.shape[1])]) if padding else y_sent
+
+    def _combine_capacity(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        assert handle.slot_of_row_N is not None and handle.capacity is not None
+        P, L, C = self.ep_size, self.num_local_experts, handle.capacity
+        dim = y_RD.shape[1]
+        y_recv = y_RD.view(L, P, C, dim).transpose(0, 1).reshape(P * L * C, dim)
+        splits = [L * C] * P
+        y_back = comms.AllToAll.apply(y_recv, splits, splits, self.ep_group)  # [E*C, D]
+        y_ext = torch.cat([y_back, y_back.new_zeros(1, dim)])
+        return y_ext.index_select(0, handle.slot_of_row_N)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout arithmetic (pure, unit-tested without processes)
+# --------------------------------------------------------------------------------------------
+
+def local_expert_major_order(recv_counts_E: torch.Tensor, num_local_experts: int,
+                             num_recv: int) -> torch.Tensor:
+    """Permutation taking received rows, grouped (source rank, local expert), to local-expert
+    major order (source rank second): ``expert_in = recv.index_select(0, order)``.
+
+    ``recv_counts_E[s*L + l]`` rows came from rank s for local expert l; ``num_recv`` is their
+    host-side sum (so ``repeat_interleave`` needs no extra sync).
+    """
+    num_sources = recv_counts_E.numel() // num_local_experts
+    expert_of_block = torch.arange(num_local_experts, device=recv_counts_E.device).repeat(num_sources)
+    expert_R = torch.repeat_interleave(expert_of_block, recv_counts_E, output_size=num_recv)
+    return torch.argsort(expert_R, stable=True)
+
+
+def sorted_expert_ids(tokens_per_expert_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Expert id of every row of the permuted buffer; the uncounted (invalid) tail gets E."""
+    num_experts = tokens_per_expert_E.numel()
+    ids = torch.arange(num_experts + 1, device=tokens_per_expert_E.device)
+    invalid = (num_rows - tokens_per_expert_E.sum()).view(1)
+    return torch.repeat_interleave(ids, torch.cat([tokens_per_expert_E, invalid]), output_size=num_rows)
+
+
+def capacity_slots(tokens_per_expert_E: torch.Tensor, capacity: int,
+                   num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map between the permuted rows and a fixed [E, C] send buffer, without a host sync.
+
+    Returns ``(src_row_EC, slot_of_row_N)``: slot ``e*C + c`` reads permuted row
+    ``src_row_EC[e, c]`` (``num_rows``, an appended zero row, where expert e has fewer than
+    c+1 rows), and permuted row i sits in slot ``slot_of_row_N[i]`` (``E*C``, a trash slot,
+    for invalid rows and rows beyond an expert's capacity).
+    """
+    num_experts = tokens_per_expert_E.numel()
+    device = tokens_per_expert_E.device
+    starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    col_C = torch.arange(capacity, device=device)
+    kept_E = tokens_per_expert_E.clamp(max=capacity)
+    src_row_EC = torch.where(col_C < kept_E.unsqueeze(1), starts_E.unsqueeze(1) + col_C, num_rows)
+    expert_N = sorted_expert_ids(tokens_per_expert_E, num_rows)
+    pos_N = torch.arange(num_rows, device=device) - starts_E.index_select(0, expert_N.clamp(max=num_experts - 1))
+    keep_N = (expert_N < num_experts) & (pos_N < capacity)
+    slot_of_row_N = torch.where(keep_N, expert_N * capacity + pos_N, num_experts * capacity)
+    return src_row_EC, slot_of_row_N
+
+
+# --------------------------------------------------------------------------------------------
+# Applying expert parallelism to a model
+# --------------------------------------------------------------------------------------------
+
+def mark_expert_param(param: nn.Parameter) -> None:
+    """Tag a parameter as an expert shard: reduced over edp, norm summed over ep."""
+    param._moe_expert = True  # type: ignore[attr-defined]
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "_moe_expert", False))
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def apply_ep(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """Shard every MoE layer's experts over ``mesh.ep_group`` (in place) and return the model.
+
+    Each rank keeps experts ``[ep_rank*L, (ep_rank+1)*L)`` of its (identically seeded) full
+    weights, so the union over the ep group is exactly the single-process model. Expert params
+    are tagged (:func:`is_expert_param`) for gradient reduction and norm clipping, even when
+    ep=1 (then the dispatcher stays local). Routers, shared experts and dense layers stay
+    replicated; expert-load statistics stay indexed by global expert id.
+    """
+    if mesh.etp_size != 1:
+        raise ValueError(f"parallel.etp ({mesh.etp_size}) > 1 is not supported by apply_ep yet; use etp=1")
+    for layer in moe_layers(model):
+        experts = layer.experts
+        for param in experts.parameters():
+            mark_expert_param(param)
+        if mesh.ep_size == 1:
+            continue
+        num_experts = layer.num_experts
+        if experts.num_experts != num_experts:
+            raise ValueError(f"MoE layer already sharded ({experts.num_experts} of {num_experts} experts "
+                             "held); apply_ep must run once on a freshly built model")
+        local = mesh.local_experts(num_experts)
+        with torch.no_grad():
+            experts.w13 = nn.Parameter(experts.w13[local.start:local.stop].clone())
+            experts.w2 = nn.Parameter(experts.w2[local.start:local.stop].clone())
+        for param in experts.parameters():
+            mark_expert_param(param)
+        experts.num_experts = len(local)
+        experts.expert_offset = local.start
+        fixed = layer.cfg.capacity.policy == "fixed"
+        layer.set_dispatcher(AllToAllDispatcher(num_experts, mesh.ep_group, mesh.ep_rank, mesh.ep_size,
+                                                capacity_fn=layer.capacity_for if fixed else None))
+    return model
+
+
+def host_sync_count(model: nn.Module) -> int:
+    """Device-to-host syncs made by every all-to-all dispatcher of ``model`` so far."""
+    return sum(getattr(layer.dispatcher, "host_syncs", 0) for layer in moe_layers(model))
