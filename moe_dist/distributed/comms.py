@@ -1,0 +1,341 @@
+"""Every collective moe_dist calls, in one place; autograd-aware versions for EP and TP/SP.
+
+Conventions:
+
+* ``group=None`` means "degree 1": every function is then the identity (or a local copy), so
+  single-process code runs the same calls. This is *not* torch's "None = WORLD" — a world-wide
+  collective is requested by passing the world group explicitly.
+* Only ``dist.all_to_all_single`` is used for all-to-all: the list form fails on gloo with uneven
+  sizes, and ``torch.distributed.nn.functional`` aborts about one run in ten on gloo
+  (FEASIBILITY §2). The autograd wrappers here are hand-written ``torch.autograd.Function``s.
+* Split sizes are host ``list[int]``. Callers that want split sizes in a timeout message pass a
+  :class:`CollectiveRecord` they own (no module state).
+
+Shape legend: ``T`` rows (tokens), ``D`` features, ``E`` experts, ``W`` group size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+        "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT}
+
+
+@dataclass
+class CollectiveRecord:
+    """The last collective a caller issued, for error messages; owned by the caller."""
+
+    name: str = ""
+    """'all_to_all', 'exchange_counts', 'all_reduce', ..."""
+    group_ranks: list[int] = field(default_factory=list)
+    input_splits: list[int] | None = None
+    output_splits: list[int] | None = None
+    shape: tuple[int, ...] = ()
+    started_at: float = 0.0
+    """time.monotonic() when it was issued."""
+    count: int = 0
+    """Collectives recorded so far."""
+
+    def note(self, name: str, group: ProcessGroup | None, shape: tuple[int, ...],
+             input_splits: list[int] | None = None, output_splits: list[int] | None = None) -> None:
+        self.name, self.shape = name, tuple(shape)
+        self.group_ranks = [] if group is None else dist.get_process_group_ranks(group)
+        self.input_splits = None if input_splits is None else list(input_splits)
+        self.output_splits = None if output_splits is None else list(output_splits)
+        self.started_at = time.monotonic()
+        self.count += 1
+
+    def summary(self) -> str:
+        if self.count == 0:
+            return "no collective recorded"
+        text = f"last collective #{self.count}: {self.name} over ranks {self.group_ranks}, shape {list(self.shape)}"
+        if self.input_splits is not None:
+            text += f", input_splits {self.input_splits}, output_splits {self.output_splits}"
+        return text
+
+
+def _record(record: CollectiveRecord | None, name: str, group: ProcessGroup | None, t: Tensor,
+            input_splits: list[int] | None = None, output_splits: list[int] | None = None) -> None:
+    if record is not None:
+        record.note(name, group, tuple(t.shape), input_splits, output_splits)
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain collectives (no autograd)
+# --------------------------------------------------------------------------------------------
+
+def all_reduce(t: Tensor, op: str = "sum", group: ProcessGroup | None = None,
+               record: CollectiveRecord | None = None) -> Tensor:
+    """In-place all-reduce of `t` over `group` (op: sum, avg, max, min, product); returns `t`."""
+    if op not in _OPS:
+        raise ValueError(f"all_reduce op {op!r} is not one of {sorted(_OPS)}")
+    if group is None:
+        return t
+    _record(record, f"all_reduce({op})", group, t)
+    if op == "avg" and dist.get_backend(group) == "gloo":  # gloo has no AVG
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t.div_(dist.get_world_size(group))
+    dist.all_reduce(t, op=_OPS[op], group=group)
+    return t
+
+
+def all_gather_into_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None = None,
+                           record: CollectiveRecord | None = None) -> Tensor:
+    """Concatenate every rank's `inp` along dim 0 into `out` ([W * T, ...]); returns `out`."""
+    if group is None:
+        return out.copy_(inp)
+    _record(record, "all_gather", group, inp)
+    dist.all_gather_into_tensor(out, inp.contiguous(), group=group)
+    return out
+
+
+def reduce_scatter_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None = None,
+                          record: CollectiveRecord | None = None) -> Tensor:
+    """Sum `inp` ([W * T, ...]) over ranks and keep this rank's chunk of dim 0 in `out`."""
+    if group is None:
+        return out.copy_(inp)
+    _record(record, "reduce_scatter", group, inp)
+    dist.reduce_scatter_tensor(out, inp.contiguous(), group=group)
+    return out
+
+
+def all_to_all_single(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
+                      group: ProcessGroup | None = None,
+                      record: CollectiveRecord | None = None) -> Tensor:
+    """Uneven all-to-all along dim 0: rows ``in_splits[j]`` go to rank j, ``out_splits[j]`` come from it."""
+    _check_splits(inp, out, in_splits, out_splits, group)
+    if group is None:
+        return out.copy_(inp)
+    _record(record, "all_to_all", group, inp, in_splits, out_splits)
+    dist.all_to_all_single(out, inp.contiguous(), output_split_sizes=list(out_splits),
+                           input_split_sizes=list(in_splits), group=group)
+    return out
+
+
+def _check_splits(inp: Tensor, out: Tensor, in_splits: list[int], out_splits: list[int],
+                  group: ProcessGroup | None) -> None:
+    w = group_size(group)
+    if len(in_splits) != w or len(out_splits) != w:
+        raise ValueError(f"all_to_all needs one split per rank of the group ({w}); got "
+                         f"input_splits {list(in_splits)}, output_splits {list(out_splits)}")
+    if sum(in_splits) != inp.shape[0] or sum(out_splits) != out.shape[0]:
+        raise ValueError(f"all_to_all splits do not match the rows: input has {inp.shape[0]} rows, "
+                         f"input_splits sum to {sum(in_splits)}; output has {out.shape[0]} rows, "
+                         f"output_splits sum to {sum(out_splits)}")
+
+
+def exchange_counts(counts: Tensor, group: ProcessGroup | None = None,
+                    record: CollectiveRecord | None = None) -> Tensor:
+    """All-to-all of per-expert token counts, on the counts' device (no host sync).
+
+    `counts` is ``[E]`` int64: how many rows this rank sends to each *global* expert, experts
+    laid out contiguously by owner (rank j of the group owns ``E / W`` consecutive experts).
+    Returns ``[W * E/W]``: entry ``src * (E/W) + l`` is how many rows rank `src` sends to this
+    rank's local expert `l`.
+    """
+    if counts.dim() != 1:
+        raise ValueError(f"exchange_counts expects a 1-D [num_experts] tensor, got shape {list(counts.shape)}")
+    w = group_size(group)
+    if counts.shape[0] % w != 0:
+        raise ValueError(f"exchange_counts: {counts.shape[0]} experts do not split over {w} ranks")
+    if group is None:
+        return counts.clone()
+    out = torch.empty_like(counts)
+    _record(record, "exchange_counts", group, counts)
+    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd all-to-all (expert parallelism)
+# --------------------------------------------------------------------------------------------
+
+class AllToAll(torch.autograd.Function):
+    """Differentiable uneven all-to-all along dim 0.
+
+    Forward sends ``input_splits[j]`` rows to rank j and receives ``output_splits[j]`` from it;
+    backward sends the gradient back the same way with the splits swapped. ``group=None`` is
+    the identity (then the two split lists must be equal). Zero-row inputs and outputs work.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, output_splits: list[int], input_splits: list[int],
+                group: ProcessGroup | None, record: CollectiveRecord | None = None) -> Tensor:
+        ctx.group, ctx.record = group, record
+        ctx.output_splits, ctx.input_splits = list(output_splits), list(input_splits)
+        if group is None:
+            if list(output_splits) != list(input_splits):
+                raise ValueError(f"AllToAll without a group needs equal splits; got input_splits "
+                                 f"{list(input_splits)}, output_splits {list(output_splits)}")
+            return x.clone()  # a new tensor, so callers may modify it in place
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        return all_to_all_single(out, x, ctx.output_splits, ctx.input_splits, group, record)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.group is None:
+            return grad_out, None, None, None, None
+        grad_in = grad_out.new_empty((sum(ctx.input_splits), *grad_out.shape[1:]))
+        all_to_all_single(grad_in, grad_out, ctx.input_splits, ctx.output_splits, ctx.group,
+                          ctx.record)
+        return grad_in, None, None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int],
+               group: ProcessGroup | None, record: CollectiveRecord | None = None) -> Tensor:
+    """``AllToAll.apply`` with keyword-friendly arguments."""
+    return AllToAll.apply(x, output_splits, input_splits, group, record)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd collectives for tensor / sequence parallelism
+# --------------------------------------------------------------------------------------------
+
+def _gather_dim(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+    w = dist.get_world_size(group)
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((w * moved.shape[0], *moved.shape[1:]))
+    dist.all_gather_into_tensor(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def _chunk_dim(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+    w, r = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % w != 0:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split evenly over {w} ranks")
+    return x.chunk(w, dim=dim)[r].contiguous()
+
+
+def _reduce_scatter_dim(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+    w = dist.get_world_size(group)
+    if x.shape[dim] % w != 0:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split evenly over {w} ranks")
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // w, *moved.shape[1:]))
+    dist.reduce_scatter_tensor(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _all_reduce_copy(x: Tensor, group: ProcessGroup) -> Tensor:
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+class _AllReduceForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        return _all_reduce_copy(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _AllReduceBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce_copy(grad, ctx.group), None
+
+
+class _GatherSplit(torch.autograd.Function):
+    """Forward all-gather along dim; backward keeps this rank's chunk (or reduce-scatters)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int, group: ProcessGroup, reduce_grad: bool) -> Tensor:
+        ctx.dim, ctx.group, ctx.reduce_grad = dim, group, reduce_grad
+        return _gather_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        if ctx.reduce_grad:
+            return _reduce_scatter_dim(grad, ctx.dim, ctx.group), None, None, None
+        return _chunk_dim(grad, ctx.dim, ctx.group), None, None, None
+
+
+class _SplitGather(torch.autograd.Function):
+    """Forward keeps this rank's chunk along dim; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _chunk_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _gather_dim(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterGather(torch.autograd.Function):
+    """Forward reduce-scatter along dim; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _gather_dim(grad, ctx.dim, ctx.group), None, None
+
+
+def all_reduce_forward(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Sum partial results over the TP group (forward); gradient passes through unchanged.
+
+    Megatron's "reduce from tensor-parallel region": after a row-parallel linear.
+    """
+    return x if group is None else _AllReduceForward.apply(x, group)
+
+
+def all_reduce_backward(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Identity forward; all-reduce the gradient (Megatron's "copy to tensor-parallel region"):
+    before a column-parallel linear whose input is replicated over the TP group."""
+    return x if group is None else _AllReduceBackward.apply(x, group)
+
+
+def gather_forward_split_backward(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
+    """All-gather along `dim`; backward keeps this rank's chunk of the (replicated) gradient.
+
+    Use when everything after the gather is computed identically on every rank (e.g. gathering
+    column-parallel logits)."""
+    return x if group is None else _GatherSplit.apply(x, dim, group, False)
+
+
+def gather_forward_reduce_scatter_backward(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
+    """All-gather along `dim`; backward reduce-scatters (sums every rank's partial gradient).
+
+    Sequence parallelism: gather the sequence before a column-parallel linear, whose input
+    gradient is partial on each TP rank."""
+    return x if group is None else _GatherSplit.apply(x, dim, group, True)
+
+
+def split_forward_gather_backward(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
+    """Keep this rank's chunk along `dim`; backward all-gathers (scatter into SP region)."""
+    return x if group is None else _SplitGather.apply(x, dim, group)
+
+
+def reduce_scatter_forward_gather_backward(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
+    """Sum partial results over the group and keep this rank's chunk along `dim`; backward
+    all-gathers. Sequence parallelism: after a row-parallel linear."""
+    return x if group is None else _ReduceScatterGather.apply(x, dim, group)
