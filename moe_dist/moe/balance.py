@@ -56,3 +56,24 @@ def update_selection_bias(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tenso
     """
     counts = tokens_per_expert_E.to(bias_E.dtype)
     bias_E += rate * torch.sign(counts.mean() - counts)
+
+
+@torch.no_grad()
+def update_selection_bias_from_stats(model: torch.nn.Module, reduce_fn=None) -> None:
+    """After an optimizer step: update every router's selection bias from the step's counts.
+
+    ``reduce_fn`` sums a tensor over every rank that routes different tokens with the same
+    router (None in a single process). All routers' counts travel in one reduction.
+    """
+    routers = [m for m in model.modules()
+               if hasattr(m, "step_counts") and getattr(m, "cfg", None) is not None
+               and getattr(m.cfg, "bias_update_rate", 0) > 0]
+    if not routers:
+        return
+    counts = torch.stack([r.step_counts for r in routers])
+    if reduce_fn is not None:
+        reduced = reduce_fn(counts)
+        counts = counts if reduced is None else reduced
+    for router, router_counts in zip(routers, counts):
+        update_selection_bias(router.expert_bias, router_counts, router.cfg.bias_update_rate)
+        router.step_counts.zero_()

@@ -54,6 +54,8 @@ class TopKRouter(nn.Module):
         # Selection bias of auxiliary-loss-free balancing; identical on every rank because
         # it is only changed from all-reduced counts (balance.update_selection_bias).
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # Assignments of the current optimizer step, summed over micro-batches.
+        self.register_buffer("step_counts", torch.zeros(num_experts), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -79,6 +81,8 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         tokens_per_expert = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        if self.training and self.cfg.bias_update_rate > 0:
+            self.step_counts += tokens_per_expert
         losses = self._losses(logits_TE, scores_TE, indices_TK, tokens_per_expert, seq_len)
         return RoutingResult(indices_TK, weights_TK, None, scores_TE, tokens_per_expert, losses)
 

@@ -1,0 +1,235 @@
+"""The training loop: micro-batch accumulation, AdamW + cosine schedule, clipping, validation,
+metrics, atomic checkpoints and preemption handling.
+
+One optimizer step consumes ``train.global_batch_size`` sequences whatever the number of
+ranks: each data-parallel rank runs ``global / (micro * dp)`` micro-batches, and micro-batch m
+of rank r holds global rows ``[(m*dp + r)*micro, +micro)``. A single process running the same
+config sees the same rows in the same order, which makes it the exact reference of every
+parallel layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe_dist.config import Config, grad_accum_steps
+from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
+from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress,
+                              build_sinks)
+from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
+from moe_dist.models.transformer import build_model
+from moe_dist.train import checkpoint as ckpt
+from moe_dist.train.optim import build_optimizer, build_scheduler
+from moe_dist.train.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 124
+
+
+@dataclass
+class FitResult:
+    final_step: int
+    last_loss: float | None
+    last_val_loss: float | None
+    preempted: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rt = runtime
+        self.device = runtime.device
+        mesh = runtime.mesh
+
+        self.data = build_datasets(cfg.data) if runtime.is_data_builder else None
+        runtime.barrier()  # the first rank fills the cache, the others then read it
+        if self.data is None:
+            self.data = build_datasets(cfg.data)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.data.vocab_size
+        elif cfg.model.vocab_size < self.data.vocab_size:
+            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                             f"vocabulary ({self.data.vocab_size}); set model.vocab_size=0 to take it from the data")
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
+        self.model.to(self.device)
+        self.plan = runtime.parallelize(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+
+        self.accum_steps = grad_accum_steps(cfg, mesh.dp_size)
+        self.sampler = GlobalBatchSampler(len(self.data.train), cfg.train.global_batch_size, cfg.data.seed)
+        self.val_indices = val_batches(self.data.val, cfg.train.micro_batch_size, cfg.train.eval_batches,
+                                       mesh.dp_rank, mesh.dp_size)
+        self.autocast_dtype = runtime.autocast_dtype(cfg.train.dtype)
+
+        self.metrics = build_sinks(self.run_dir, cfg.log, runtime.is_logging_rank)
+        self.load_tracker = ExpertLoadTracker.from_model(self.model, reduce_fn=self.plan.sum_over_token_ranks)
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len,
+                                                        model=self.model).total
+        self.peak_tflops = resolve_peak_tflops(cfg.log.peak_tflops, self.device)
+        self.step = 0
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_payload(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(), "data": {"next_step": self.step, "seed": self.cfg.data.seed},
+                "config": self.cfg.to_dict()}
+
+    def save(self) -> Path:
+        def write(directory: Path) -> None:
+            self.plan.save_model_and_optimizer(directory, self.model, self.optimizer)
+            if self.rt.is_logging_rank:
+                ckpt.torch_save(self.state_payload(), directory / "trainer.pt")
+                (directory / "config.yaml").write_text(self.cfg.to_yaml())
+
+        with self.throughput.paused():
+            return ckpt.save_checkpoint(self.run_dir, self.step, write, self.cfg.checkpoint.keep_last,
+                                        is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return
+        directory = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if directory is None:
+            return
+        ckpt.verify_checkpoint(directory)
+        self.plan.load_model_and_optimizer(directory, self.model, self.optimizer)
+        state = ckpt.load_file(directory, "trainer.pt")
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", directory, self.step)
+
+    # ------------------------------------------------------------------ steps
+    def _batch(self, indices: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = (self.data.train if split == "train" else self.data.val).get(indices)
+        rows = rows.to(self.device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor):
+        with self.rt.autocast(self.autocast_dtype):
+            output = self.model(inputs)
+        lm_loss = self.plan.cross_entropy(output.logits, targets)
+        router_losses = {name: value.float() for name, value in output.losses.items()}
+        total = lm_loss + sum(router_losses.values()) if router_losses else lm_loss
+        return total, lm_loss, router_losses
+
+    def train_step(self, means: DeviceMeans) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(self.accum_steps):
+            indices = self.sampler.micro_batch_indices(self.step, self.rt.mesh.dp_rank, self.rt.mesh.dp_size,
+                                                       micro, self.cfg.train.micro_batch_size)
+            inputs, targets = self._batch(indices, "train")
+            is_last = micro == self.accum_steps - 1
+            with (contextlib.nullcontext() if is_last else self.plan.no_sync()):
+                total, lm_loss, router_losses = self._forward_loss(inputs, targets)
+                (total / self.accum_steps).backward()
+            means.add({"train/loss": total, "train/lm_loss": lm_loss,
+                       **{f"train/{name}": value for name, value in router_losses.items()}})
+        self.plan.finish_gradient_sync()
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = self.plan.clip_grad_norm_(max_norm)
+        means.add({"train/grad_norm": grad_norm})
+        self.optimizer.step()
+        self.scheduler.step()
+        self.plan.after_optimizer_step(self.model)
+        self.step += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for indices in self.val_indices:
+            inputs, targets = self._batch(indices, "val")
+            _, lm_loss, _ = self._forward_loss(inputs, targets)
+            total += lm_loss.float()
+        mean = self.plan.mean_over_dp(total / len(self.val_indices))
+        self.model.train()
+        return float(mean)
+
+    # ------------------------------------------------------------------ loop
+    def _request_stop(self, signum, _frame) -> None:
+        logger.warning("received signal %d: checkpointing at the next step boundary", signum)
+        self._stop_requested = True
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread (tests)
+                signal.signal(sig, self._request_stop)
+
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        self.maybe_resume()
+        self.rt.agree_before_training(self.model, cfg)
+        self.metrics.text("config", f"```\n{cfg.to_yaml()}\n```")
+        self.throughput = ThroughputMeter(self.device)
+        self.throughput.start()
+        means = DeviceMeans()
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        last_loss = last_val = None
+        preempted = False
+        with build_progress(cfg.log, cfg.train.steps, self.step, self.rt.is_logging_rank) as progress:
+            while self.step < cfg.train.steps:
+                self.train_step(means)
+                self.throughput.step(tokens_per_step)
+                progress.update()
+                done = self.step == cfg.train.steps
+                record = {}
+                if self.step % cfg.log.every == 0 or done:
+                    last_loss, record = self._log_window(means, progress)
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or done):
+                    with self.throughput.paused():
+                        last_val = self.evaluate()
+                    record["val/loss"] = last_val
+                    progress.set_metrics(val_loss=last_val)
+                if record:
+                    self.metrics.scalars(self.step, record)
+                stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
+                if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save()
+                if stop and not done:
+                    preempted = True
+                    break
+        self.metrics.flush()
+        self.metrics.close()
+        return FitResult(self.step, last_loss, last_val, preempted)
+
+    def _log_window(self, means: DeviceMeans, progress) -> tuple[float, dict]:
+        local = means.pop()
+        keys = sorted(local)
+        # One collective for the whole window: every rank holds the same keys.
+        averaged = self.plan.mean_over_dp(torch.tensor([local[k] for k in keys], device=self.device))
+        window = dict(zip(keys, averaged.tolist()))
+        rate = self.throughput.measure()
+        record = dict(window)
+        record["train/lr"] = self.scheduler.get_last_lr()[0]
+        record["perf/tokens_per_s"] = rate.tokens_per_s
+        record["perf/step_time_ms"] = rate.step_time_ms
+        utilisation = mfu(rate.tokens_per_s, self.flops_per_token, self.peak_tflops, self.rt.mesh.world_size)
+        if utilisation is not None:
+            record["perf/mfu"] = utilisation
+        if len(self.load_tracker):
+            report = self.load_tracker.collect()
+            self.load_tracker.write(report, self.metrics, self.step)
+        progress.set_metrics(loss=window.get("train/loss"), tokens_per_s=rate.tokens_per_s)
+        return window.get("train/loss"), record
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
