@@ -127,3 +127,25 @@ def test_device_means_average_over_the_window():
         means.add({"train/loss": torch.tensor(loss), "train/lr": 0.5})
     assert means.pop() == {"train/loss": 3.0, "train/lr": 0.5}
     assert len(means) == 0 and means.pop() == {}
+
+
+def test_matmul_flops_match_torch_flop_counter_on_the_real_model():
+    """Everything but the attention scores is a plain matmul (aten.mm) in the model; torch's
+    FlopCounterMode must see exactly our count of them over forward + backward. Block 0 is dense,
+    block 1 is MoE with a shared expert."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moe_dist.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=48, vocab_size=40, max_seq_len=16)
+    moe_cfg = MoEConfig(num_experts=4, every=2, expert_ffn_dim=16, num_shared_experts=1,
+                        router=RouterConfig(top_k=2), grouped_gemm="loop")  # dropless by default
+    model = Transformer(model_cfg, moe_cfg)
+    batch, seq_len = 2, 16
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 40, (batch, seq_len))).logits.sum().backward()
+    mm_flops = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op) == "aten.mm")
+    flops = training_flops_per_token(model_cfg, moe_cfg, seq_len)
+    scores = 3 * model_cfg.n_layers * 2 * 2 * model_cfg.dim * (seq_len + 1) / 2
+    assert mm_flops / (batch * seq_len) == flops.total - scores
