@@ -119,10 +119,15 @@ def all_to_all_single(out: Tensor, inp: Tensor, out_splits: list[int], in_splits
                       group: ProcessGroup | None = None,
                       record: CollectiveRecord | None = None) -> Tensor:
     """Uneven all-to-all along dim 0: rows ``in_splits[j]`` go to rank j, ``out_splits[j]`` come from it."""
+    return _a2a(out, inp, out_splits, in_splits, group, record, "all_to_all")
+
+
+def _a2a(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
+         group: ProcessGroup | None, record: CollectiveRecord | None, name: str) -> Tensor:
     _check_splits(inp, out, in_splits, out_splits, group)
     if group is None:
         return out.copy_(inp)
-    _record(record, "all_to_all", group, inp, in_splits, out_splits)
+    _record(record, name, group, inp, in_splits, out_splits)
     dist.all_to_all_single(out, inp.contiguous(), output_split_sizes=list(out_splits),
                            input_split_sizes=list(in_splits), group=group)
     return out
@@ -192,8 +197,8 @@ class AllToAll(torch.autograd.Function):
         if ctx.group is None:
             return grad_out, None, None, None, None
         grad_in = grad_out.new_empty((sum(ctx.input_splits), *grad_out.shape[1:]))
-        all_to_all_single(grad_in, grad_out, ctx.input_splits, ctx.output_splits, ctx.group,
-                          ctx.record)
+        _a2a(grad_in, grad_out.contiguous(), ctx.input_splits, ctx.output_splits, ctx.group,
+             ctx.record, "all_to_all(backward)")
         return grad_in, None, None, None, None
 
 
