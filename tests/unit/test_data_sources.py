@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moe_dist.config import DataConfig
 from moe_dist.data import DataError, build_datasets
@@ -114,7 +115,7 @@ def test_default_corpus_first_play(tmp_path: Path) -> None:
     text = files[0].read_text(encoding="utf-8")
     rows = len(text.encode("utf-8")) // 65  # one play + EOD, cut into rows of 65
     assert len(bundle.train) + len(bundle.val) == rows
-    first = bundle.tokenizer.decode(bundle.train.get(__import__("torch").tensor([0]))[0].tolist())
+    first = bundle.tokenizer.decode(bundle.train.get(torch.tensor([0]))[0].tolist())
     assert text.startswith(first) and first.startswith("# ")
 
 
