@@ -411,9 +411,9 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     for key, value in raw.items():
         if key not in fields:
             suggestion = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{suggestion[0]!r}?" if suggestion else \
+            hint = f"; did you mean '{prefix}{suggestion[0]}'?" if suggestion else \
                 f"; valid keys: {sorted(fields)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
