@@ -43,6 +43,8 @@ class CollectiveRecord:
     """time.monotonic() when it was issued."""
     count: int = 0
     """Collectives recorded so far."""
+    in_flight: bool = False
+    """True from issue until the call returned; still True if it raised."""
 
     def note(self, name: str, group: ProcessGroup | None, shape: tuple[int, ...],
              input_splits: list[int] | None = None, output_splits: list[int] | None = None) -> None:
@@ -52,14 +54,21 @@ class CollectiveRecord:
         self.output_splits = None if output_splits is None else list(output_splits)
         self.started_at = time.monotonic()
         self.count += 1
+        self.in_flight = True
 
     def summary(self) -> str:
         if self.count == 0:
             return "no collective recorded"
-        text = f"last collective #{self.count}: {self.name} over ranks {self.group_ranks}, shape {list(self.shape)}"
+        state = "unfinished" if self.in_flight else "finished"
+        text = f"last collective #{self.count} ({state}): {self.name} over ranks {self.group_ranks}, shape {list(self.shape)}"
         if self.input_splits is not None:
             text += f", input_splits {self.input_splits}, output_splits {self.output_splits}"
         return text
+
+
+def _done(record: CollectiveRecord | None) -> None:
+    if record is not None:
+        record.in_flight = False
 
 
 def _record(record: CollectiveRecord | None, name: str, group: ProcessGroup | None, t: Tensor,
@@ -90,8 +99,10 @@ def all_reduce(t: Tensor, op: str = "sum", group: ProcessGroup | None = None,
     _record(record, f"all_reduce({op})", group, t)
     if op == "avg" and dist.get_backend(group) == "gloo":  # gloo has no AVG
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        _done(record)
         return t.div_(dist.get_world_size(group))
     dist.all_reduce(t, op=_OPS[op], group=group)
+    _done(record)
     return t
 
 
@@ -102,6 +113,7 @@ def all_gather_into_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None 
         return out.copy_(inp)
     _record(record, "all_gather", group, inp)
     dist.all_gather_into_tensor(out, inp.contiguous(), group=group)
+    _done(record)
     return out
 
 
@@ -112,6 +124,7 @@ def reduce_scatter_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None =
         return out.copy_(inp)
     _record(record, "reduce_scatter", group, inp)
     dist.reduce_scatter_tensor(out, inp.contiguous(), group=group)
+    _done(record)
     return out
 
 
@@ -130,6 +143,7 @@ def _a2a(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
     _record(record, name, group, inp, in_splits, out_splits)
     dist.all_to_all_single(out, inp.contiguous(), output_split_sizes=list(out_splits),
                            input_split_sizes=list(in_splits), group=group)
+    _done(record)
     return out
 
 
@@ -164,7 +178,21 @@ def exchange_counts(counts: Tensor, group: ProcessGroup | None = None,
     out = torch.empty_like(counts)
     _record(record, "exchange_counts", group, counts)
     dist.all_to_all_single(out, counts.contiguous(), group=group)
+    _done(record)
     return out
+
+
+def all_gather_object(obj: Any, group: ProcessGroup | None = None,
+                      record: CollectiveRecord | None = None) -> list[Any]:
+    """Every rank's picklable `obj`, in group-rank order (``[obj]`` without a group)."""
+    if group is None:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    if record is not None:
+        record.note("all_gather_object", group, ())
+    dist.all_gather_object(gathered, obj, group=group)
+    _done(record)
+    return gathered
 
 
 # --------------------------------------------------------------------------------------------
