@@ -11,13 +11,13 @@ parallel layout.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from moe_dist.config import Config, grad_accum_steps
 from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
@@ -69,11 +69,12 @@ class Trainer:
 
         self.accum_steps = grad_accum_steps(cfg, mesh.dp_size)
         self.sampler = GlobalBatchSampler(len(self.data.train), cfg.train.global_batch_size, cfg.data.seed)
-        self.val_indices = val_batches(self.data.val, cfg.train.micro_batch_size, cfg.train.eval_batches,
-                                       mesh.dp_rank, mesh.dp_size)
+        # train.eval_batches counts micro-batches over all data-parallel ranks, so the
+        # validation rows are the same whatever the number of ranks.
+        self.val_indices = val_batches(self.data.val, cfg.train.micro_batch_size,
+                                       max(1, cfg.train.eval_batches // mesh.dp_size), mesh.dp_rank, mesh.dp_size)
         self.autocast_dtype = runtime.autocast_dtype(cfg.train.dtype)
 
-        self.metrics = build_sinks(self.run_dir, cfg.log, runtime.is_logging_rank)
         self.load_tracker = ExpertLoadTracker.from_model(self.model, reduce_fn=self.plan.sum_over_token_ranks)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len,
                                                         model=self.model).total
@@ -111,6 +112,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        if self.rt.is_logging_rank:
+            truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
 
     # ------------------------------------------------------------------ steps
@@ -176,6 +179,8 @@ class Trainer:
         self._install_signal_handlers()
         self.maybe_resume()
         self.rt.agree_before_training(self.model, cfg)
+        # Built after resuming, which may have truncated metrics.jsonl to the checkpoint's step.
+        self.metrics = build_sinks(self.run_dir, cfg.log, self.rt.is_logging_rank)
         self.metrics.text("config", f"```\n{cfg.to_yaml()}\n```")
         self.throughput = ThroughputMeter(self.device)
         self.throughput.start()
@@ -230,6 +235,13 @@ class Trainer:
         return window.get("train/loss"), record
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop records a killed run logged past its last checkpoint, so a resumed run's
+    metrics.jsonl reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

@@ -1,0 +1,134 @@
+"""End-to-end single-process training: metrics, TensorBoard tags, resume after a real kill,
+and the bad inputs a user can give."""
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.smoke.conftest import REPO, read_metrics, run_train, train_command, train_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_writes_run_dir_metrics_and_tensorboard(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "train.steps=6", "log.every=3", "train.eval_every=3", "checkpoint.every=3")
+    assert (run_dir / "config.yaml").is_file()
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [3, 6]
+    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+        assert key in records[-1], key
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000003", "step_00000006"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss", "train/lr", "train/grad_norm",
+                "val/loss", "perf/tokens_per_s"}
+    for layer in (0, 1):
+        expected |= {f"moe/layer_{layer}/{name}" for name in ("imbalance", "drop_rate", "realized_k", "dead_experts")}
+    assert expected <= scalars, expected - scalars
+    assert {"moe/layer_0/load", "moe/layer_1/load"} <= set(acc.Tags()["histograms"])
+    assert "moe/load_heatmap" in acc.Tags()["images"]
+    realized_k = acc.Scalars("moe/layer_0/realized_k")[-1].value
+    assert realized_k == pytest.approx(2.0)  # dropless top-2
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    overrides = ["train.steps=12", "log.every=1", "train.eval_every=0", "checkpoint.every=4",
+                 "checkpoint.keep_last=3"]
+    reference = tmp_path / "reference"
+    run_train(reference, *overrides)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(train_command(interrupted, *overrides), cwd=REPO, env=train_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = interrupted / "checkpoints" / "step_00000008"
+    deadline = time.time() + 180
+    while not target.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert target.exists(), "the run never reached its step-8 checkpoint"
+    assert process.returncode == -signal.SIGKILL
+
+    run_train(interrupted, *overrides)  # checkpoint.resume=auto is the default
+    got = {r["step"]: r["loss"] for r in read_metrics(interrupted)}
+    want = {r["step"]: r["loss"] for r in read_metrics(reference)}
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(train_command(run_dir, "train.steps=400", "log.every=1", "train.eval_every=0",
+                                             "checkpoint.every=0"),
+                               cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 124, stderr[-2000:]
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < 400
+
+
+def test_bad_inputs_fail_with_clear_messages(tmp_path):
+    result = run_train(tmp_path / "a", "data.source=/no/such/corpus", check=False)
+    assert result.returncode != 0 and "data.source" in result.stderr and "/no/such/corpus" in result.stderr
+
+    result = run_train(tmp_path / "b", "moe.router.top_k=5", check=False)
+    assert result.returncode == 2 and "moe.router.top_k (5) cannot exceed moe.num_experts (4)" in result.stderr
+
+    run_dir = tmp_path / "c"
+    run_train(run_dir, "train.steps=2", "train.eval_every=0")
+    result = run_train(run_dir, "train.steps=2", "moe.num_experts=8", check=False)
+    assert result.returncode == 2 and "holds a different run" in result.stderr and "--overwrite" in result.stderr
+    run_train(run_dir, "train.steps=2", "moe.num_experts=8", "train.eval_every=0", extra_args=("--overwrite",))
+
+
+def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
+    from moe_dist.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "train.steps=2", "train.eval_every=0")
+    directory = ckpt.latest_checkpoint(run_dir)
+    ckpt.verify_checkpoint(directory)
+
+    state = torch.load(directory / "model.pt")
+    key = next(k for k in state if k.endswith("experts.w13"))
+    wrong = dict(state)
+    wrong[key] = torch.zeros(3, 3)
+    with pytest.raises(ckpt.CheckpointError, match=rf"tensor {key}: checkpoint shape \(3, 3\) != model shape"):
+        ckpt.check_state_dict_fits(wrong, state, "test")
+
+    with open(directory / "model.pt", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"corrupted!")
+    result = run_train(run_dir, "train.steps=4", "train.eval_every=0", check=False)
+    assert result.returncode != 0
+    assert "model.pt is corrupt" in result.stderr and "resume from an older checkpoint" in result.stderr
+
+
+def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
+    from moe_dist.train import checkpoint as ckpt
+
+    def write_then_die(directory: Path):
+        (directory / "model.pt").write_bytes(b"half")
+        raise KeyboardInterrupt  # the process dies mid-save
+
+    good = ckpt.save_checkpoint(tmp_path, 1, lambda d: ckpt.torch_save({"w": torch.ones(2)}, d / "model.pt"), keep_last=2)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, write_then_die, keep_last=2)
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    ckpt.verify_checkpoint(good)
