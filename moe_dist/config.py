@@ -36,6 +36,100 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclass(kw_only=True)
+class SwitchHeadConfig:
+    """SwitchHead attention (model.arch=switchhead): value/output projections are per-head
+    mixtures of experts picked by a sigmoid gate (ALGORITHMS.md section 1)."""
+
+    n_heads: int = 2
+    """Attention matrices H (SwitchHead uses few). 0 means model.n_heads."""
+    head_dim: int = 0
+    """Width d_h of one head. 0 means model.dim // n_heads."""
+    num_experts: int = 4
+    """Value and output experts per head (E)."""
+    top_k: int = 2
+    """Experts selected per head and token, on each side (k)."""
+    switch_all: bool = False
+    """SwitchAll: every MLP is also a sigma-MoE (sigmoid gate, no renormalisation, entropy
+    regulariser) built from the moe section (num_experts, expert_ffn_dim, router.top_k)."""
+    entropy_reg: float = 0.001
+    """Weight gamma of the sigma-MoE entropy regulariser (SwitchAll only). 0 disables it."""
+
+    def __post_init__(self) -> None:
+        _require(self.n_heads >= 0 and self.head_dim >= 0,
+                 f"model.switchhead.n_heads ({self.n_heads}) and head_dim ({self.head_dim}) must be >= 0 "
+                 "(0 = derive from model)")
+        _require(self.num_experts >= 1, f"model.switchhead.num_experts ({self.num_experts}) must be >= 1")
+        _require(1 <= self.top_k <= self.num_experts,
+                 f"model.switchhead.top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}]")
+        _require(self.head_dim % 2 == 0, f"model.switchhead.head_dim ({self.head_dim}) must be even (rotary)")
+        _require(self.entropy_reg >= 0, f"model.switchhead.entropy_reg ({self.entropy_reg}) must be >= 0")
+
+
+@dataclass(kw_only=True)
+class PEERConfig:
+    """PEER (model.arch=peer): a pool of single-neuron experts retrieved by product keys
+    (ALGORITHMS.md section 3). PEER layers replace the MLPs of the blocks moe.every selects."""
+
+    num_experts: int = 1024 * 1024
+    """Pool size N; must be a perfect square n*n (two sub-key tables of n keys)."""
+    heads: int = 8
+    """Retrieval heads h (each retrieves top_k experts; outputs are summed)."""
+    top_k: int = 16
+    """Experts per head k; at most sqrt(num_experts)."""
+    query_dim: int = 128
+    """Query width d_k (split into two halves of d_k/2); must be even. 0 means model.dim."""
+    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+    """Normalisation of the query: BatchNorm over the batch (paper; per-rank statistics under
+    data parallelism), LayerNorm per token, or none."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """Activation phi of the single-neuron experts."""
+
+    def __post_init__(self) -> None:
+        side = math.isqrt(max(self.num_experts, 0))
+        _require(self.num_experts > 0 and side * side == self.num_experts,
+                 f"model.peer.num_experts ({self.num_experts}) must be a perfect square n*n; "
+                 f"use {side * side} or {(side + 1) ** 2}")
+        _require(self.heads >= 1, f"model.peer.heads ({self.heads}) must be >= 1")
+        _require(1 <= self.top_k <= side,
+                 f"model.peer.top_k ({self.top_k}) must be in [1, sqrt(num_experts)={side}]; lower top_k "
+                 "or raise num_experts")
+        _require(self.query_dim >= 0 and self.query_dim % 2 == 0,
+                 f"model.peer.query_dim ({self.query_dim}) must be even and >= 0 (0 = model.dim)")
+
+
+@dataclass(kw_only=True)
+class MHMoEConfig:
+    """Multi-head MoE (model.arch=mh_moe): tokens split into sub-tokens that are routed
+    separately, then merged (ALGORITHMS.md section 4)."""
+
+    heads: int = 2
+    """Sub-tokens per token h; model.dim must be divisible by it."""
+    match_moe: bool = True
+    """Choose the sub-token experts' count and hidden size so that parameters and FLOPs match
+    the plain MoE of the moe section (ALGORITHMS.md section 4(c)); false uses moe.num_experts
+    and moe.expert_ffn_dim on the sub-tokens as given."""
+
+    def __post_init__(self) -> None:
+        _require(self.heads >= 1, f"model.mh_moe.heads ({self.heads}) must be >= 1")
+
+
+@dataclass(kw_only=True)
+class StratifiedConfig:
+    """Stratified MoE (model.arch=stratified): experts in strata; a token's top-1 choice decides
+    whether it takes another pass through a higher stratum (ALGORITHMS.md section 5)."""
+
+    strata: list[int] = field(default_factory=lambda: [4, 4])
+    """Experts per stratum, lowest first; must sum to moe.num_experts."""
+    stratum_norm: bool = True
+    """RMSNorm of the input of every pass (one norm per stratum), as the reference's
+    --hmoe-layernorm; false feeds later passes the raw residual stream."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.strata) >= 1 and all(n >= 1 for n in self.strata),
+                 f"model.stratified.strata ({self.strata}) must be a non-empty list of positive sizes")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     arch: Literal["transformer", "switchhead", "peer", "mh_moe", "stratified"] = "transformer"
     """Model family. 'transformer' is the decoder-only LM with (optionally) MoE MLPs; the
@@ -60,6 +154,14 @@ class ModelConfig:
     """Standard deviation of the normal weight init (output projections are scaled by depth)."""
     tie_embeddings: bool = False
     """Share the token embedding with the LM head."""
+    switchhead: SwitchHeadConfig = field(default_factory=SwitchHeadConfig)
+    """Options of model.arch=switchhead."""
+    peer: PEERConfig = field(default_factory=PEERConfig)
+    """Options of model.arch=peer."""
+    mh_moe: MHMoEConfig = field(default_factory=MHMoEConfig)
+    """Options of model.arch=mh_moe."""
+    stratified: StratifiedConfig = field(default_factory=StratifiedConfig)
+    """Options of model.arch=stratified."""
 
     def __post_init__(self) -> None:
         _require(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,
@@ -79,6 +181,40 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+
+@dataclass(kw_only=True)
+class AdaptiveConfig:
+    """DynMoE adaptive expert count (router type 'top_any' only): ``moe.num_experts`` is the
+    pool of pre-allocated slots; experts are switched on and off inside it."""
+
+    enabled: bool = False
+    """Grow and prune experts during training. False keeps the active set fixed."""
+    initial_experts: int = 0
+    """Active slots at step 0 (the first ones). 0 means every slot of moe.num_experts."""
+    max_experts: int = 0
+    """Most slots active at once. 0 means moe.num_experts (the whole pool)."""
+    update_every: int = 900
+    """Optimizer steps between two add/remove decisions (DynMoE: 900)."""
+    record_steps: int = 300
+    """Routing is recorded during the last record_steps steps before each decision (DynMoE:
+    300). 0 records the whole window."""
+    prune_after: int = 1
+    """An active expert is removed after this many consecutive decision windows without a
+    single token (DynMoE: 1). 0 never removes."""
+
+    def __post_init__(self) -> None:
+        for name in ("initial_experts", "max_experts", "record_steps", "prune_after"):
+            value = getattr(self, name)
+            _require(value >= 0, f"moe.router.adaptive.{name} ({value}) must be >= 0")
+        _require(self.update_every >= 1,
+                 f"moe.router.adaptive.update_every ({self.update_every}) must be >= 1")
+        _require(self.record_steps <= self.update_every,
+                 f"moe.router.adaptive.record_steps ({self.record_steps}) cannot exceed "
+                 f"update_every ({self.update_every}); use record_steps <= {self.update_every}")
+        _require(self.max_experts == 0 or self.initial_experts <= self.max_experts,
+                 f"moe.router.adaptive.initial_experts ({self.initial_experts}) cannot exceed "
+                 f"max_experts ({self.max_experts})")
 
 
 @dataclass(kw_only=True)
@@ -111,13 +247,32 @@ class RouterConfig:
     """Weight of DynMoE's diversity + simplicity regularisers."""
     jitter: float = 0.0
     """Multiplicative input jitter during training (Switch). 0 disables it."""
+    entropy_loss_coef: float = 0.0
+    """Weight of the mean per-token router entropy (Huang et al.'s dynamic loss, 1e-4 with
+    'top_p'); pushes variable-k routers toward fewer experts. 0 disables it."""
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    """DynMoE expert growth and pruning (router type 'top_any')."""
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, f"moe.router.top_k ({self.top_k}) must be >= 1")
-        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter",
+                     "top_any_reg_coef", "entropy_loss_coef"):
             value = getattr(self, name)
             _require(value >= 0, f"moe.router.{name} ({value}) must be >= 0 (0 disables it)")
         _require(0 < self.top_p <= 1, f"moe.router.top_p ({self.top_p}) must be in (0, 1]")
+        _require(0 < self.xmoe_threshold <= 1,
+                 f"moe.router.xmoe_threshold ({self.xmoe_threshold}) must be in (0, 1]")
+        _require(self.expert_choice_capacity > 0,
+                 f"moe.router.expert_choice_capacity ({self.expert_choice_capacity}) must be > 0 "
+                 "(each expert takes n*c/E tokens; the paper uses 2)")
+        _require(self.top_any_tau > 0, f"moe.router.top_any_tau ({self.top_any_tau}) must be > 0")
+        if self.bias_update_rate > 0:
+            _require(self.type not in ("expert_choice", "top_any"),
+                     f"moe.router.bias_update_rate ({self.bias_update_rate}) has no meaning for router "
+                     f"type '{self.type}' (it balances by construction / by its thresholds); set it to 0")
+        if self.adaptive.enabled:
+            _require(self.type == "top_any",
+                     f"moe.router.adaptive.enabled needs moe.router.type='top_any', got '{self.type}'")
 
 
 @dataclass(kw_only=True)
@@ -136,11 +291,22 @@ class CapacityConfig:
     max_capacity_factor: float = 4.0
     """Memory ceiling of the 'controller' policy."""
     eval_capacity_factor: float = 2.0
-    """Capacity factor at evaluation for 'fixed'."""
+    """Capacity factor at evaluation for 'fixed' and 'controller'."""
+    controller_gain: float = 0.1
+    """'controller': change of log(capacity_factor) per step at a relative drop-rate error of
+    1 (the error is clipped to [-1, 1])."""
 
     def __post_init__(self) -> None:
         _require(self.capacity_factor >= 0,
                  f"moe.capacity.capacity_factor ({self.capacity_factor}) must be >= 0")
+        _require(0 <= self.target_drop_rate < 1,
+                 f"moe.capacity.target_drop_rate ({self.target_drop_rate}) must be in [0, 1)")
+        _require(self.controller_gain > 0,
+                 f"moe.capacity.controller_gain ({self.controller_gain}) must be > 0")
+        if self.policy == "controller":
+            _require(0 < self.capacity_factor <= self.max_capacity_factor,
+                     f"moe.capacity.capacity_factor ({self.capacity_factor}) is the controller's starting "
+                     f"factor and must be in (0, max_capacity_factor={self.max_capacity_factor}]")
         if self.policy == "fixed":
             _require(self.capacity_factor > 0,
                      "moe.capacity.capacity_factor must be > 0 with policy 'fixed'; "
@@ -168,6 +334,11 @@ class MoEConfig:
         _require(self.num_shared_experts >= 0,
                  f"moe.num_shared_experts ({self.num_shared_experts}) must be >= 0")
         if self.enabled:
+            adaptive = self.router.adaptive
+            for name in ("initial_experts", "max_experts"):
+                _require(getattr(adaptive, name) <= self.num_experts,
+                         f"moe.router.adaptive.{name} ({getattr(adaptive, name)}) cannot exceed the slot "
+                         f"pool moe.num_experts ({self.num_experts}); raise num_experts or lower {name}")
             _require(self.router.top_k <= self.num_experts,
                      f"moe.router.top_k ({self.router.top_k}) cannot exceed moe.num_experts "
                      f"({self.num_experts}); use top_k <= {self.num_experts} or more experts")
