@@ -1,6 +1,7 @@
 """Monitoring: metric sinks (TensorBoard, metrics.jsonl, null), expert-load tracking,
 FLOPs/MFU, throughput and the progress bar. Names and formulas: docs/metrics.md."""
 
+from moe_dist.metrics.background import BackgroundSink
 from moe_dist.metrics.expert_load import ExpertLoadReport, ExpertLoadTracker, LayerLoad, render_heatmap
 from moe_dist.metrics.flops import (FlopsBreakdown, mfu, peak_tflops, resolve_peak_tflops,
                                     training_flops_per_token)
@@ -10,7 +11,7 @@ from moe_dist.metrics.sink import (JSONL_KEYS, JsonlSink, MetricsLogger, Metrics
 from moe_dist.metrics.throughput import DeviceMeans, Throughput, ThroughputMeter
 
 __all__ = [
-    "DeviceMeans", "ExpertLoadReport", "ExpertLoadTracker", "FlopsBreakdown", "JSONL_KEYS", "JsonlSink",
+    "BackgroundSink", "DeviceMeans", "ExpertLoadReport", "ExpertLoadTracker", "FlopsBreakdown", "JSONL_KEYS", "JsonlSink",
     "LayerLoad", "MetricsLogger", "MetricsSink", "NullSink", "ProgressBar", "TensorBoardSink",
     "Throughput", "ThroughputMeter", "build_progress", "build_sinks", "mfu", "peak_tflops",
     "read_metrics", "render_heatmap", "resolve_peak_tflops", "to_host_scalars",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moe_dist.metrics import (JsonlSink, MetricsLogger, NullSink, build_progress, build_sinks, read_metrics,
+from moe_dist.metrics import (BackgroundSink, JsonlSink, MetricsLogger, NullSink, build_progress, build_sinks, read_metrics,
                               to_host_scalars)
 
 LOG_CFG = SimpleNamespace(tensorboard=True, progress_bar=True)
@@ -138,3 +138,59 @@ def test_progress_bar_only_on_logging_rank():
         bar.write("hello")
         bar.close()
     assert silent.getvalue() == ""
+
+
+def test_finished_steps_reach_the_file_without_flush(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path)
+    sink.scalars(1, {"train/loss": 2.0})
+    assert path.read_text() == ""          # step 1 may still get more scalars
+    sink.scalars(2, {"train/loss": 1.5})   # step 1 is finished: written and on disk
+    assert read_metrics(path) == {1: {"loss": 2.0}}
+    sink.close()
+    assert read_metrics(path) == {1: {"loss": 2.0}, 2: {"loss": 1.5}}
+
+
+class _Recorder(NullSink):
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[tuple] = []
+        self.fail_on = fail_on
+
+    def scalars(self, step, values):
+        if self.fail_on in values:
+            raise OSError("disk full")
+        self.calls.append(("scalars", step, dict(values)))
+
+    def histogram(self, step, tag, values):
+        self.calls.append(("histogram", step, tag))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_background_sink_keeps_order_and_flush_waits():
+    inner = _Recorder()
+    sink = BackgroundSink(inner)
+    for step in range(50):
+        sink.scalars(step, {"train/loss": float(step)})
+        sink.histogram(step, "h", np.ones(2))
+    sink.flush()
+    assert len(inner.calls) == 101 and inner.calls[-1] == ("flush",)
+    assert [c[1] for c in inner.calls[:-1:2]] == list(range(50))
+    assert inner.calls[99] == ("histogram", 49, "h")
+    sink.close()
+    assert inner.calls[-1] == ("close",)
+    with pytest.raises(RuntimeError, match="after close"):
+        sink.scalars(1, {"a": 1.0})
+    sink.close()  # idempotent
+
+
+def test_background_sink_reraises_worker_errors():
+    sink = BackgroundSink(_Recorder(fail_on="bad"))
+    sink.scalars(1, {"bad": 1.0})
+    with pytest.raises(RuntimeError, match="background writer: OSError\\('disk full'\\)"):
+        sink.flush()
+    sink.close()
