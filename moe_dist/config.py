@@ -422,7 +422,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms, biases and router biases)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value. 0 disables clipping."""
     seed: int = 0
