@@ -1,0 +1,183 @@
+"""SwitchHead attention and SwitchAll (Csordas et al., arXiv 2312.07987; ALGORITHMS.md section 1).
+
+Per head h (of H, width d_h) and token t, with E experts per head and k selected:
+
+* queries and keys are dense: ``Q^h = X W_Q^h``, ``K^h = X W_K^h`` (rotary on both);
+* value side: scores ``a = sigmoid(X W_S^h)`` [T, E], ``S_t = top-k(a_t)``,
+  ``V^h_t = sum_{e in S_t} a_{t,e} X_t W_V^{h,e}``;
+* attention ``A^h = softmax(Q^h K^h^T / sqrt(d_h) + causal)`` (the reference scales q and k by
+  d_h^-1/4 each; the product is the same);
+* output side: ``b = sigmoid(X W_D^h)``, ``D_t = top-k(b_t)``,
+  ``Y_t = sum_h sum_{e in D_t} b_{t,e} (A^h V^h)_t W_O^{h,e}``.
+
+Gates are raw sigmoid values (no renormalisation), there is no balancing loss. Expert ids are
+global ``h*E + e``, so one grouped GEMM over H*E experts runs each side. With W_S = W_D = 0 and
+k = 2 identical experts per head, both sides weigh the expert by sigmoid(0)*2 = 1 and the
+module equals dense multi-head attention with the same W_Q/W_K/W_V/W_O (tests/unit).
+
+SwitchAll adds a sigma-MoE MLP (ALGORITHMS.md section 2): sigmoid top-k gate without
+renormalisation plus the entropy regulariser ``-gamma * H(mean_t softmax(u_t))``. It is an
+:class:`~moe_dist.moe.layer.MoELayer`, so expert parallelism shards it like any MoE MLP; the
+attention experts stay replicated (they are tiny; ALGORITHMS.md section 1(f)).
+
+Shapes: B batch, S sequence, T = B*S tokens, D model dim, H heads, E experts per head, K top_k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.config import ConfigError, MoEConfig, SwitchHeadConfig
+from moe_dist.models.registry import ArchTransformer
+from moe_dist.models.transformer import apply_rotary, rotary_tables
+from moe_dist.moe.dispatch import PermuteState, permute, unpermute
+from moe_dist.moe.experts import grouped_matmul
+from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.stats import ExpertLoadStats
+
+
+class SwitchHeadAttention(nn.Module):
+    """Causal self-attention with mixture-of-experts value and output projections."""
+
+    def __init__(self, dim: int, cfg: SwitchHeadConfig, default_heads: int, grouped_gemm: str = "auto") -> None:
+        super().__init__()
+        heads = cfg.n_heads or default_heads
+        if cfg.head_dim == 0 and dim % heads != 0:
+            raise ConfigError(f"model.dim ({dim}) must be divisible by model.switchhead.n_heads ({heads}), "
+                              "or set model.switchhead.head_dim explicitly")
+        self.n_heads = heads
+        self.head_dim = cfg.head_dim or dim // heads
+        if self.head_dim % 2 != 0:
+            raise ConfigError(f"SwitchHead head width {self.head_dim} (model.dim / model.switchhead.n_heads) "
+                              "must be even for rotary embeddings; set model.switchhead.head_dim")
+        self.dim = dim
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.backend = grouped_gemm
+        inner = heads * self.head_dim
+        pool = heads * cfg.num_experts
+        self.wq = nn.Linear(dim, inner, bias=False)
+        self.wk = nn.Linear(dim, inner, bias=False)
+        self.sel_v = nn.Parameter(torch.empty(pool, dim))  # W_S, row h*E+e
+        self.sel_o = nn.Parameter(torch.empty(pool, dim))  # W_D
+        self.w_v = nn.Parameter(torch.empty(pool, dim, self.head_dim))
+        self.w_o = nn.Parameter(torch.empty(pool, self.head_dim, dim))
+        # Expert ids 0..H*E-1 are the value experts, H*E..2*H*E-1 the output experts.
+        self.stats = ExpertLoadStats(2 * pool)
+        self.reset_arch_parameters(0.02, 0.02)
+
+    @torch.no_grad()
+    def reset_arch_parameters(self, std: float, out_std: float) -> None:
+        for weight in (self.wq.weight, self.wk.weight, self.sel_v, self.sel_o, self.w_v):
+            nn.init.normal_(weight, std=std)
+        nn.init.normal_(self.w_o, std=out_std)
+
+    def select(self, x_TD: torch.Tensor, selector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoid gate per head: (gates [T, H, K] fp32, global expert ids [T, H, K])."""
+        num_tokens = x_TD.shape[0]
+        scores = torch.sigmoid(F.linear(x_TD.float(), selector.float()))
+        scores = scores.view(num_tokens, self.n_heads, self.num_experts)
+        _, local = torch.topk(scores.detach(), self.top_k, dim=-1, sorted=True)
+        gates = scores.gather(-1, local)
+        offsets = torch.arange(self.n_heads, device=x_TD.device).view(1, -1, 1) * self.num_experts
+        return gates, local + offsets
+
+    def _mix(self, rows: torch.Tensor, rows_per_item: int, ids_THK: torch.Tensor, gates_THK: torch.Tensor,
+             weight: torch.Tensor) -> torch.Tensor:
+        """``out[t, h] = sum_k gate * rows[item] @ weight[id]``, one grouped GEMM over H*E experts.
+
+        ``rows`` holds one row per token (value side, shared by the heads: rows_per_item = H*K)
+        or one per (token, head) (output side: rows_per_item = K). Returns [T*H, out_features].
+        """
+        num_tokens, heads, top_k = ids_THK.shape
+        sorted_rows, counts, state = permute(rows, ids_THK.reshape(-1, rows_per_item), weight.shape[0])
+        out_sorted = grouped_matmul(sorted_rows, weight, counts, self.backend)
+        # Assignment n = (t*H + h)*K + k in both layouts, so un-sorting per (token, head) item
+        # only needs the item count changed.
+        per_head = PermuteState(state.sort_order_N, None, num_tokens * heads, top_k)
+        return unpermute(out_sorted, gates_THK.reshape(num_tokens * heads, top_k), per_head)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, dim = x_BSD.shape
+        heads, d_h, top_k = self.n_heads, self.head_dim, self.top_k
+        x_TD = x_BSD.reshape(-1, dim)
+        q, k = (proj(x_BSD).view(batch, seq_len, heads, d_h).transpose(1, 2) for proj in (self.wq, self.wk))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        gates_v, ids_v = self.select(x_TD, self.sel_v)  # [T, H, K]
+        v_THd = self._mix(x_TD, heads * top_k, ids_v, gates_v, self.w_v)
+        v = v_THd.view(batch, seq_len, heads, d_h).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True)  # [B, H, S, d_h]
+
+        gates_o, ids_o = self.select(x_TD, self.sel_o)
+        attn_rows = attn.transpose(1, 2).reshape(-1, d_h)  # [T*H, d_h], item t*H + h
+        y = self._mix(attn_rows, top_k, ids_o, gates_o, self.w_o)  # [T*H, D]
+        if self.training:
+            self._record(ids_v, ids_o)
+        return y.view(-1, heads, dim).sum(1).view(batch, seq_len, dim)
+
+    @torch.no_grad()
+    def _record(self, ids_v: torch.Tensor, ids_o: torch.Tensor) -> None:
+        pool = self.n_heads * self.num_experts
+        counts = torch.bincount(torch.cat([ids_v.flatten(), ids_o.flatten() + pool]), minlength=2 * pool)
+        self.stats.update(counts, counts, ids_v.shape[0])
+
+    def flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """Forward matmul FLOPs of one token: q/k, H*K value and output experts, scores, gates."""
+        d, heads, d_h, top_k = self.dim, self.n_heads, self.head_dim, self.top_k
+        projections = 2 * 2 * d * heads * d_h + 2 * 2 * heads * top_k * d * d_h
+        scores = 2 * 2 * heads * d_h * (seq_len + 1) / 2
+        return {"attention": projections + scores, "router": 2.0 * 2 * d * heads * self.num_experts}
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, head_dim={self.head_dim}, experts_per_head={self.num_experts}, top_k={self.top_k}"
+
+
+class SigmaMoELayer(MoELayer):
+    """sigma-MoE MLP: sigmoid top-k gate, raw gate values, entropy regulariser (no Switch loss).
+
+    The experts are the repository's SwiGLU experts (the paper's are ReLU two-layer MLPs).
+    The regulariser is computed on each rank's micro-batch, like the router losses of MoELayer.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, moe_cfg: MoEConfig, entropy_reg: float) -> None:
+        router = dataclasses.replace(moe_cfg.router, type="sigmoid_topk", normalize_weights=False,
+                                     aux_loss_coef=0.0, seq_aux_loss_coef=0.0, z_loss_coef=0.0,
+                                     bias_update_rate=0.0)
+        super().__init__(dim, ffn_dim, dataclasses.replace(moe_cfg, router=router))
+        self.entropy_reg = entropy_reg
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out, losses = super().forward(x_BSD)
+        if self.training and self.entropy_reg > 0:
+            losses = dict(losses)
+            losses["entropy_reg"] = self.entropy_reg * neg_entropy_of_mean(self.router.logits(x_BSD.flatten(0, 1)))
+        return out, losses
+
+
+def neg_entropy_of_mean(logits_TE: torch.Tensor) -> torch.Tensor:
+    """``-H(p_bar)`` with ``p_bar = mean_t softmax(logits_t)``, in log space (fp32)."""
+    num_tokens = logits_TE.shape[0]
+    log_p_bar = torch.logsumexp(F.log_softmax(logits_TE.float(), dim=-1), dim=0) - math.log(max(num_tokens, 1))
+    return (log_p_bar.exp() * log_p_bar).sum()
+
+
+class SwitchHeadTransformer(ArchTransformer):
+    """Every block's attention is SwitchHead; with ``switch_all`` the MoE MLPs are sigma-MoE."""
+
+    def install(self) -> None:
+        cfg, model_cfg = self.model_cfg.switchhead, self.model_cfg
+        if cfg.switch_all and not self.moe_cfg.enabled:
+            raise ConfigError("model.switchhead.switch_all needs MoE MLPs: set moe.num_experts > 0 and "
+                              "moe.every >= 1 (every=1 makes every MLP a sigma-MoE)")
+        for block in self.layers:
+            block.attention = SwitchHeadAttention(model_cfg.dim, cfg, model_cfg.n_heads, self.moe_cfg.grouped_gemm)
+            if cfg.switch_all and block.is_moe:
+                block.mlp = SigmaMoELayer(model_cfg.dim, model_cfg.ffn_dim, self.moe_cfg, cfg.entropy_reg)
+        head_dim = self.layers[0].attention.head_dim
+        self.rope_cos, self.rope_sin = rotary_tables(head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
