@@ -338,10 +338,9 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, parallel: ParallelConfig | No
     if not isinstance(model, Transformer):
         raise ValueError(f"parallel.tp ({size}) > 1 supports model.arch='transformer' only, got "
                          f"{type(model).__name__}; use tp=1 for this architecture")
+    _check_sizes(model, size)  # before anything is sliced, so a bad size leaves the model whole
     assert group is not None, "tp size > 1 implies a tp group"
     cfg = model.model_cfg
-    if cfg.n_heads % size != 0:
-        raise ValueError(f"model.n_heads ({cfg.n_heads}) must be divisible by parallel.tp ({size})")
 
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, rank, size, sequence_parallel)
     for block in model.layers:
@@ -368,6 +367,17 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, parallel: ParallelConfig | No
         model.output.register_forward_hook(_GatherVocab(group))
     _mark_partial_grads(model, sequence_parallel)
     return model
+
+
+def _check_sizes(model: Transformer, size: int) -> None:
+    cfg = model.model_cfg
+    dense_ffn = {block.mlp.w1.out_features for block in model.layers if not isinstance(block.mlp, MoELayer)}
+    for field, value in (("model.n_heads", cfg.n_heads), ("model.vocab_size", cfg.vocab_size),
+                         *(("model.ffn_dim", ffn) for ffn in sorted(dense_ffn))):
+        if value % size != 0:
+            ok = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+            raise ValueError(f"{field} ({value}) must be divisible by parallel.tp ({size}); "
+                             f"use tp in {ok} or change {field}")
 
 
 def _install_region(module: nn.Module, group: ProcessGroup, sequence_parallel: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from harness import run_distributed
 from torch.testing import assert_close
 
 from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig, RouterConfig
-from moe_dist.distributed.mesh import ParallelMesh, build_mesh
+from moe_dist.distributed.mesh import MeshLayout, ParallelMesh, build_mesh
 from moe_dist.distributed.tensor_parallel import (
     all_reduce_tp_partial_grads,
     apply_tp,
@@ -249,3 +250,24 @@ def _megatron_body(rank: int, world_size: int) -> None:
 
 def test_sharded_layers_match_megatron_core() -> None:
     run_distributed(_megatron_body, 2, timeout=90)
+
+
+# ---- single process: no group needed -------------------------------------------------------
+
+def test_vocab_parallel_cross_entropy_without_group_is_plain_cross_entropy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 11, generator=gen)
+    targets = torch.randint(0, 11, (3, 4), generator=gen)
+    want = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert_close(vocab_parallel_cross_entropy(logits, targets, None), want)
+    assert_close(vocab_parallel_cross_entropy(logits, targets, None, reduction="sum"), want * 12)
+
+
+def test_apply_tp_rejects_bad_sizes_before_touching_the_model() -> None:
+    fake_tp3 = ParallelMesh(layout=MeshLayout(world_size=3, dp=1, tp=3, ep=1, etp=1), rank=0)
+    model = _build(moe=False)
+    before = {n: p.shape for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"model.n_heads \(4\) must be divisible by parallel.tp \(3\)"):
+        apply_tp(model, fake_tp3)
+    assert {n: p.shape for n, p in model.named_parameters()} == before
+    assert apply_tp(model, ParallelMesh.single()) is model
