@@ -140,3 +140,29 @@ def test_expand_tasks_per_node():
 def test_launch_errors_name_the_variables(environ, match):
     with pytest.raises(LaunchError, match=match):
         LaunchEnv.from_environ(environ, agree_master=_no_mpi)
+
+
+def test_init_process_group_single_process_picks_a_port():
+    import torch
+    import torch.distributed as dist
+
+    from moe_dist.distributed.launch_env import init_process_group
+
+    assert init_process_group(LaunchEnv.single(), backend="gloo", timeout=10.0) == "gloo"
+    try:
+        t = torch.tensor([2.0])
+        dist.all_reduce(t)
+        assert t.item() == 2.0 and dist.get_world_size() == 1
+        with pytest.raises(LaunchError, match="called twice"):
+            init_process_group(LaunchEnv.single(), backend="gloo")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_init_process_group_rejects_port_zero_for_many_ranks():
+    from moe_dist.distributed.launch_env import init_process_group
+
+    env = LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, node_rank=0,
+                    master_addr="127.0.0.1", master_port=0, launcher="torchrun")
+    with pytest.raises(LaunchError, match="set MASTER_PORT"):
+        init_process_group(env, backend="gloo")
