@@ -50,11 +50,15 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: t
     use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_ND, w_EDF))
     if use_grouped:
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        out = torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets)
-        out = _ContiguousGrad.apply(out)
-        # Rows past the last offset are padding; grouped_mm leaves them undefined.
+        if not len(offsets):
+            return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets))
+        # Rows past the last offset are padding; grouped_mm leaves them undefined in the output
+        # and in the input gradient, so both are masked (the input gradient via the where).
         row = torch.arange(x_ND.shape[0], device=x_ND.device)
-        return torch.where((row < offsets[-1]).unsqueeze(-1), out, 0.0) if len(offsets) else out
+        real = (row < offsets[-1]).unsqueeze(-1)
+        x_ND = torch.where(real, x_ND, 0.0)
+        out = _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets))
+        return torch.where(real, out, 0.0)
     return _loop_matmul(x_ND, w_EDF, tokens_per_expert)
 
 

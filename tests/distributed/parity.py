@@ -1,0 +1,208 @@
+"""Shared machinery of the DP/EP parity tests: a tiny MoE Transformer trained for a few AdamW
+steps on gloo ranks and, in the pytest process, on one process with the same global batch.
+
+Batch layout: a step has ``dp * accum`` micro-batches; data-parallel rank r's micro-batch m is
+the reference's micro-batch ``m * dp + r``. Each rank divides its micro losses by ``accum``, the
+reference by ``dp * accum``, so both optimise the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, ParallelConfig, RouterConfig
+from moe_dist.models.transformer import Transformer
+
+SEQ_LEN = 8
+MICRO_BATCH = 2
+STEPS = 3
+MAX_NORM = 0.05  # small enough that every step clips, so the norm itself is tested
+LR = 1e-2
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dp: int
+    ep: int
+    num_experts: int = 4
+    capacity: bool = False
+    accum: int = 1
+    force_experts: tuple[int, ...] = ()
+    """Route every token to these experts (selection bias), leaving other ranks with none."""
+
+
+@dataclass
+class RunRecord:
+    losses: list[list[float]] = field(default_factory=list)  # [step][micro]
+    norms: list[float] = field(default_factory=list)
+    grads: list[dict[str, torch.Tensor]] = field(default_factory=list)  # after clipping
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # after the last step
+    expert_range: tuple[int, int] = (0, 0)
+    host_syncs: int = 0
+    kept: torch.Tensor | None = None  # [moe layers, E] assignments computed, by global expert id
+
+
+def build_model(case: Case) -> Transformer:
+    torch.manual_seed(1234)
+    router = RouterConfig(top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001,
+                          bias_update_rate=1e-6 if case.force_experts else 0.0)
+    capacity = CapacityConfig(policy="fixed", capacity_factor=1.0) if case.capacity else CapacityConfig()
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=SEQ_LEN),
+                        MoEConfig(num_experts=case.num_experts, router=router, capacity=capacity))
+    if case.force_experts:
+        for _, layer in model.moe_layers():
+            for rank_of_choice, expert in enumerate(case.force_experts):
+                layer.router.expert_bias[expert] = 10.0 - rank_of_choice
+    return model
+
+
+def global_batches(case: Case) -> torch.Tensor:
+    """[steps, dp * accum, micro, seq+1] token ids."""
+    gen = torch.Generator().manual_seed(99)
+    return torch.randint(0, 64, (STEPS, case.dp * case.accum, MICRO_BATCH, SEQ_LEN + 1), generator=gen)
+
+
+def micro_loss(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    out = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert "aux_loss" in out.losses and "z_loss" in out.losses
+    return loss + sum(out.losses.values())
+
+
+def _snapshot(model: Transformer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_reference(case: Case) -> RunRecord:
+    model = build_model(case)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    batches = global_batches(case)
+    record = RunRecord()
+    n_micro = case.dp * case.accum
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        losses = []
+        for j in range(n_micro):
+            loss = micro_loss(model, batches[step, j])
+            (loss / n_micro).backward()
+            losses.append(loss.item())
+        record.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        record.losses.append(losses)
+        record.grads.append(_snapshot(model))
+        opt.step()
+    record.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record.kept = _kept(model)
+    return record
+
+
+def _kept(model: Transformer) -> torch.Tensor:
+    return torch.stack([layer.stats.kept.clone() for _, layer in model.moe_layers()])
+
+
+def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
+    """One rank of the distributed run (called inside the spawned process)."""
+    from moe_dist.distributed.expert_parallel import host_sync_count
+    from moe_dist.distributed.mesh import build_mesh
+    from moe_dist.distributed.parallelize import parallelize
+
+    parallel = ParallelConfig(dp=case.dp, tp=1, ep=case.ep)
+    mesh = build_mesh(parallel, world_size, "cpu")
+    model = build_model(case)
+    plan = parallelize(model, mesh, parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    batches = global_batches(case)
+    record = RunRecord(expert_range=(mesh.local_experts(case.num_experts).start,
+                                     mesh.local_experts(case.num_experts).stop))
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        losses = []
+        for m in range(case.accum):
+            last = m == case.accum - 1
+            with (plan.no_sync() if not last else _null()):
+                loss = micro_loss(model, batches[step, m * case.dp + mesh.dp_rank])
+                (loss / case.accum).backward()
+            losses.append(loss.item())
+        plan.finish_gradient_sync()
+        record.norms.append(plan.clip_grad_norm_(MAX_NORM).item())
+        record.losses.append(losses)
+        record.grads.append(_snapshot(model))
+        opt.step()
+    record.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record.host_syncs = host_sync_count(model)
+    record.kept = _kept(model)
+    plan.reducer.remove_hooks()
+    return record
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_cases(rank: int, world_size: int, cases: list[Case]) -> list[RunRecord]:
+    """Spawned-process entry: run every case in order (one process start for all).
+
+    Tensors go back as numpy arrays: torch tensors would travel as shared-memory handles that
+    die with the process.
+    """
+    return [_to_numpy(run_rank(rank, world_size, case)) for case in cases]
+
+
+def _to_numpy(rec: RunRecord) -> RunRecord:
+    rec.grads = [{n: g.numpy() for n, g in step.items()} for step in rec.grads]
+    rec.params = {n: p.numpy() for n, p in rec.params.items()}
+    rec.kept = rec.kept.numpy()
+    return rec
+
+
+def from_numpy(rec: RunRecord) -> RunRecord:
+    rec.grads = [{n: torch.from_numpy(g) for n, g in step.items()} for step in rec.grads]
+    rec.params = {n: torch.from_numpy(p) for n, p in rec.params.items()}
+    rec.kept = torch.from_numpy(rec.kept)
+    return rec
+
+
+def is_expert_name(name: str) -> bool:
+    return ".experts." in name
+
+
+def check_against_reference(case: Case, ranks: list[RunRecord], ref: RunRecord, world_size: int) -> None:
+    """Losses of every micro-batch, grad norm, every gradient and the final parameters."""
+    from moe_dist.distributed.mesh import MeshLayout
+
+    layout = MeshLayout(world_size=world_size, dp=case.dp, tp=1, ep=case.ep, etp=1)
+    ranks = [from_numpy(rec) for rec in ranks]
+    # Expert-load counters stay indexed by global expert id: their sum over the data-parallel
+    # ranks is the reference's count over the whole batch.
+    torch.testing.assert_close(sum(rec.kept for rec in ranks), ref.kept, rtol=0, atol=0)
+    if case.force_experts:
+        others = [e for e in range(case.num_experts) if e not in case.force_experts]
+        assert ref.kept[:, others].sum() == 0 and (ref.kept[:, list(case.force_experts)] > 0).all()
+    for rank, rec in enumerate(ranks):
+        dp_rank = layout.coords(rank)["dp"]
+        start, stop = rec.expert_range
+        for step in range(STEPS):
+            got = torch.tensor(rec.losses[step])
+            want = torch.tensor([ref.losses[step][m * case.dp + dp_rank] for m in range(case.accum)])
+            torch.testing.assert_close(got, want, msg=lambda m: f"{case.name} rank {rank} step {step} loss: {m}")
+            torch.testing.assert_close(rec.norms[step], ref.norms[step], rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{case.name} rank {rank} step {step} grad norm: {m}")
+            assert set(rec.grads[step]) == set(ref.grads[step]), f"{case.name}: gradient names differ"
+            for name, grad in rec.grads[step].items():
+                want_grad = ref.grads[step][name]
+                if is_expert_name(name):
+                    want_grad = want_grad[start:stop]
+                torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{case.name} rank {rank} step {step} grad {name}: {m}")
+        # Adam divides by sqrt(v): where a gradient is near eps, fp32 rounding differences in
+        # the gradient move the update by up to ~lr * 1e-4, hence the looser absolute bound.
+        for name, param in rec.params.items():
+            want_param = ref.params[name][start:stop] if is_expert_name(name) else ref.params[name]
+            torch.testing.assert_close(param, want_param, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{case.name} rank {rank} final {name}: {m}")
