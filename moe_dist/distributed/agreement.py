@@ -29,14 +29,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from moe_dist.config import ParallelConfig
-from moe_dist.distributed.comms import CollectiveRecord, all_gather_object
+from moe_dist.distributed.comms import CollectiveRecord, all_gather_object, world_group
+
+if TYPE_CHECKING:
+    from moe_dist.config import Config
+    from moe_dist.distributed.mesh import ParallelMesh
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +109,13 @@ def agree_on(digest: dict[str, str], group: ProcessGroup | None,
         raise AgreementError("ranks disagree before the first step (they would run different "
                              "collectives and hang): " + "; ".join(problems)
                              + ". Start every rank with the same config, code and overrides.")
+
+
+def agree_before_training(model: nn.Module, cfg: Config, mesh: ParallelMesh,
+                          record: CollectiveRecord | None = None) -> None:
+    """Every rank of the job agrees on the config, the (parallelized) model's parameter
+    names/shapes/dtypes, the mesh layout and the torch version; raises AgreementError if not."""
+    agree_on(run_digest(cfg.to_dict(), model, layout=mesh.layout), world_group(), record)
 
 
 # --------------------------------------------------------------------------------------------

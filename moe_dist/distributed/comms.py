@@ -3,8 +3,8 @@
 Conventions:
 
 * ``group=None`` means "degree 1": every function is then the identity (or a local copy), so
-  single-process code runs the same calls. This is *not* torch's "None = WORLD" — a world-wide
-  collective is requested by passing the world group explicitly.
+  single-process code runs the same calls. This is *not* torch's "None = WORLD": the group is a
+  required argument, and a job-wide collective passes :func:`world_group` explicitly.
 * Only ``dist.all_to_all_single`` is used for all-to-all: the list form fails on gloo with uneven
   sizes, and ``torch.distributed.nn.functional`` aborts about one run in ten on gloo
   (FEASIBILITY §2). The autograd wrappers here are hand-written ``torch.autograd.Function``s.
@@ -77,6 +77,25 @@ def _record(record: CollectiveRecord | None, name: str, group: ProcessGroup | No
         record.note(name, group, tuple(t.shape), input_splits, output_splits)
 
 
+def world_group() -> ProcessGroup | None:
+    """The whole job as a group: ``dist.group.WORLD``, or None for one process (no group)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.group.WORLD
+
+
+def barrier(group: ProcessGroup | None) -> None:
+    """Wait for every rank of `group` (nothing to wait for without one)."""
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def destroy() -> None:
+    """Tear down every process group (no-op if none was created)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def group_size(group: ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -89,7 +108,7 @@ def group_rank(group: ProcessGroup | None) -> int:
 # Plain collectives (no autograd)
 # --------------------------------------------------------------------------------------------
 
-def all_reduce(t: Tensor, op: str = "sum", group: ProcessGroup | None = None,
+def all_reduce(t: Tensor, op: str, group: ProcessGroup | None,
                record: CollectiveRecord | None = None) -> Tensor:
     """In-place all-reduce of `t` over `group` (op: sum, avg, max, min, product); returns `t`."""
     if op not in _OPS:
@@ -106,7 +125,7 @@ def all_reduce(t: Tensor, op: str = "sum", group: ProcessGroup | None = None,
     return t
 
 
-def all_gather_into_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None = None,
+def all_gather_into_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None,
                            record: CollectiveRecord | None = None) -> Tensor:
     """Concatenate every rank's `inp` along dim 0 into `out` ([W * T, ...]); returns `out`."""
     if group is None:
@@ -117,7 +136,7 @@ def all_gather_into_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None 
     return out
 
 
-def reduce_scatter_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None = None,
+def reduce_scatter_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None,
                           record: CollectiveRecord | None = None) -> Tensor:
     """Sum `inp` ([W * T, ...]) over ranks and keep this rank's chunk of dim 0 in `out`."""
     if group is None:
@@ -129,7 +148,7 @@ def reduce_scatter_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None =
 
 
 def all_to_all_single(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
-                      group: ProcessGroup | None = None,
+                      group: ProcessGroup | None,
                       record: CollectiveRecord | None = None) -> Tensor:
     """Uneven all-to-all along dim 0: rows ``in_splits[j]`` go to rank j, ``out_splits[j]`` come from it."""
     return _a2a(out, inp, out_splits, in_splits, group, record, "all_to_all")
@@ -159,7 +178,7 @@ def _check_splits(inp: Tensor, out: Tensor, in_splits: list[int], out_splits: li
                          f"output_splits sum to {sum(out_splits)}")
 
 
-def exchange_counts(counts: Tensor, group: ProcessGroup | None = None,
+def exchange_counts(counts: Tensor, group: ProcessGroup | None,
                     record: CollectiveRecord | None = None) -> Tensor:
     """All-to-all of per-expert token counts, on the counts' device (no host sync).
 
@@ -182,7 +201,7 @@ def exchange_counts(counts: Tensor, group: ProcessGroup | None = None,
     return out
 
 
-def all_gather_object(obj: Any, group: ProcessGroup | None = None,
+def all_gather_object(obj: Any, group: ProcessGroup | None,
                       record: CollectiveRecord | None = None) -> list[Any]:
     """Every rank's picklable `obj`, in group-rank order (``[obj]`` without a group)."""
     if group is None:

@@ -88,7 +88,7 @@ class Runtime:
         if self.distributed:
             from moe_dist.distributed import comms
 
-            comms.barrier()
+            comms.barrier(comms.world_group())
 
     def any_rank(self, flag: bool) -> bool:
         if not self.distributed:
@@ -96,7 +96,7 @@ class Runtime:
         from moe_dist.distributed import comms
 
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(comms.all_reduce(value, op="max").item() > 0)
+        return bool(comms.all_reduce(value, "max", comms.world_group()).item() > 0)
 
     def parallelize(self, model: nn.Module, cfg: Config):
         if not self.distributed:
@@ -150,5 +150,5 @@ def shutdown(runtime: Runtime) -> None:
     if runtime.distributed:
         from moe_dist.distributed import comms
 
-        comms.barrier()
+        comms.barrier(comms.world_group())
         comms.destroy()

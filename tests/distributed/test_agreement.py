@@ -20,6 +20,12 @@ def _agree(rank: int, world_size: int) -> dict:
     out = {}
     model = torch.nn.Linear(4, 4)
     agree_on(run_digest({"moe": {"num_experts": 8}}, model), dist.group.WORLD)  # all equal: passes
+    from moe_dist.config import Config
+    from moe_dist.distributed.agreement import agree_before_training
+    from moe_dist.distributed.mesh import build_mesh
+
+    cfg = Config()
+    agree_before_training(model, cfg, build_mesh(cfg.parallel, world_size, "cpu"))
     # Rank 1 has another config, rank 2 another model shape.
     cfg = {"moe": {"num_experts": 16 if rank == 1 else 8}}
     model = torch.nn.Linear(4, 6 if rank == 2 else 4)

@@ -20,7 +20,7 @@ from moe_dist.distributed.launch_env import LaunchEnv, init_process_group
 env = LaunchEnv.from_environ()
 backend = init_process_group(env, backend=None, timeout=30.0)
 t = torch.tensor([env.rank + 1.0])
-comms.all_reduce(t, group=dist.group.WORLD)
+comms.all_reduce(t, "sum", comms.world_group())
 print("PROBE " + json.dumps({"rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
       "local_world": env.local_world_size, "launcher": env.launcher, "addr": env.master_addr,
       "port": env.master_port, "sum": t.item(), "backend": backend}), flush=True)

@@ -44,7 +44,7 @@ def _build_all(rank: int, world_size: int) -> dict:
         assert mesh.dense_grad_group is mesh.dp_group and mesh.expert_grad_group is mesh.edp_group
         # The ep group really communicates: sum of global ranks over it.
         t = torch.tensor([float(rank)])
-        comms.all_reduce(t, group=mesh.ep_group)
+        comms.all_reduce(t, "sum", mesh.ep_group)
         groups["ep_sum"] = t.item()
         seen[(dp, tp, ep, etp)] = groups
     # A bad size fails on every rank before any collective (no hang, same message).

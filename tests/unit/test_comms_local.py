@@ -41,7 +41,7 @@ def test_split_checks():
 
 def test_local_collectives_and_counts():
     t = torch.tensor([1.0, 2.0])
-    assert comms.all_reduce(t, group=None) is t
+    assert comms.all_reduce(t, "sum", None) is t
     with pytest.raises(ValueError, match="op 'mean' is not one of"):
         comms.all_reduce(t, op="mean", group=None)
     out = comms.all_gather_into_tensor(torch.empty(2), t, None)
@@ -62,3 +62,14 @@ def test_tp_ops_without_group_are_identity():
                comms.split_forward_gather_backward, comms.reduce_scatter_forward_gather_backward):
         assert fn(x, 0, None) is x
     assert (comms.group_size(None), comms.group_rank(None)) == (1, 0)
+
+
+def test_world_helpers_without_process_group():
+    assert comms.world_group() is None
+    comms.barrier(None)
+    comms.destroy()  # nothing to destroy
+
+
+def test_group_is_a_required_argument():
+    with pytest.raises(TypeError):
+        comms.all_reduce(torch.zeros(1), op="max")  # type: ignore[call-arg]
