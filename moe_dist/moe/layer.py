@@ -14,6 +14,7 @@ from torch import nn
 
 from moe_dist.config import MoEConfig
 from moe_dist.moe import capacity as cap
+from moe_dist.moe.capacity_dynamic import CapacityState
 from moe_dist.moe.dispatch import LocalDispatcher
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.router import RoutingResult, build_router
@@ -47,12 +48,20 @@ class MoELayer(nn.Module):
                                if cfg.num_shared_experts > 0 else None)
         self.dispatcher = LocalDispatcher(cfg.num_experts)
         self.stats = ExpertLoadStats(cfg.num_experts)
+        # 'dynamic'/'controller' capacity: per-layer state (controller factor, drop rate) and the
+        # MAX reduction over the ep group that expert parallelism injects (None: one process).
+        self.capacity_state = (CapacityState(cfg.capacity)
+                               if cfg.capacity.policy in ("dynamic", "controller") else None)
+        self.capacity_reduce_fn = None
 
     def set_dispatcher(self, dispatcher) -> None:
         self.dispatcher = dispatcher
 
-    def capacity_for(self, num_tokens: int, top_k: int) -> int | None:
-        """Per-expert capacity for this (local) batch, or None when dropless."""
+    def capacity_for(self, num_tokens: int, top_k: int,
+                     tokens_per_expert: torch.Tensor | None = None) -> int | None:
+        """Per-expert capacity for this (local) batch, or None when dropless.
+
+        ``tokens_per_expert`` (this batch's routed counts) is needed by policy 'dynamic'."""
         policy = self.cfg.capacity
         if policy.policy == "dropless":
             return None
@@ -61,11 +70,11 @@ class MoELayer(nn.Module):
             return cap.expert_capacity(num_tokens, self.num_experts, top_k, factor)
         from moe_dist.moe import capacity_dynamic  # dynamic / controller policies
 
-        return capacity_dynamic.capacity_for(self, num_tokens, top_k)
+        return capacity_dynamic.capacity_for(self, num_tokens, top_k, tokens_per_expert)
 
     def route(self, x_TD: torch.Tensor, seq_len: int | None) -> RoutingResult:
         routing = self.router(x_TD, seq_len=seq_len)
-        capacity = self.capacity_for(routing.num_tokens, routing.top_k)
+        capacity = self.capacity_for(routing.num_tokens, routing.top_k, routing.tokens_per_expert)
         if capacity is not None:
             priority = routing.weights if self.cfg.capacity.drop_policy == "score" else None
             kept = cap.apply_capacity(routing.indices, routing.valid, self.num_experts, capacity, priority)

@@ -1,0 +1,101 @@
+"""Routing state that lives across steps, and what the trainer logs about it.
+
+After every optimizer step, :func:`update_after_step` (reached through
+``balance.update_selection_bias_from_stats``, which both trainer plans already call with the
+sum over token ranks) updates the capacity controllers and the DynMoE active sets from
+all-reduced counts, so every rank stays identical.
+
+For logging, :func:`routing_metrics` returns per-layer scalars and histograms (one reduction of
+the per-rank experts-per-token counters for the whole model) and resets the counters;
+:func:`write_routing_metrics` sends them to a metrics sink. Keys, with ``i`` the block index:
+
+- ``moe/layer_{i}/experts_per_token`` (mean realised k) and the histogram
+  ``moe/layer_{i}/experts_per_token_hist`` (variable-k routers and 'top_any');
+- ``moe/layer_{i}/unrouted_frac`` ('top_any': share of tokens that activated no expert);
+- ``moe/layer_{i}/active_experts``, ``threshold_mean|min|max`` and the histogram
+  ``moe/layer_{i}/thresholds`` ('top_any');
+- ``moe/layer_{i}/capacity_factor``, ``capacity``, ``capacity_drop_rate`` ('dynamic'/'controller').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_dist.moe import adaptive, capacity_dynamic
+
+ReduceFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@torch.no_grad()
+def update_after_step(model: nn.Module, reduce_fn: ReduceFn | None = None) -> None:
+    """Capacity controllers, then DynMoE growth/pruning (see the module docstring)."""
+    capacity_dynamic.update_capacity_states(model, reduce_fn)
+    adaptive.update_adaptive_experts(model, reduce_fn)
+
+
+def _numbered_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    if hasattr(model, "moe_layers"):
+        return list(model.moe_layers())
+    return [(i, m) for i, m in enumerate(m for m in model.modules() if hasattr(m, "capacity_state"))]
+
+
+@torch.no_grad()
+def routing_metrics(model: nn.Module, reduce_fn: ReduceFn | None = None,
+                    reset: bool = True) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(scalars, histograms) for every MoE layer; collective when ``reduce_fn`` is given (call
+    it on every rank). Histograms are arrays of samples (bin index repeated by its count)."""
+    layers = _numbered_moe_layers(model)
+    hist_layers = [(i, layer) for i, layer in layers if hasattr(layer.router, "k_hist")]
+    scalars: dict[str, float] = {}
+    hists: dict[str, np.ndarray] = {}
+    if hist_layers:
+        flat = torch.cat([layer.router.k_hist for _, layer in hist_layers])
+        if reduce_fn is not None:
+            reduced = reduce_fn(flat.clone())
+            flat = flat if reduced is None else reduced
+        host = flat.cpu().numpy()  # NOTE: device-to-host sync (logging steps only)
+        offset = 0
+        for i, layer in hist_layers:
+            size = layer.router.k_hist.numel()
+            counts = host[offset:offset + size]
+            offset += size
+            tokens = counts.sum()
+            if tokens > 0:
+                prefix = f"moe/layer_{i}"
+                bins = np.arange(size)
+                scalars[f"{prefix}/experts_per_token"] = float((bins * counts).sum() / tokens)
+                hists[f"{prefix}/experts_per_token_hist"] = np.repeat(bins, counts.astype(np.int64))
+                if isinstance(layer.router, adaptive.TopAnyRouter):
+                    scalars[f"{prefix}/unrouted_frac"] = float(counts[0] / tokens)
+            if reset:
+                layer.router.k_hist.zero_()
+    for i, layer in layers:
+        prefix = f"moe/layer_{i}"
+        router = layer.router
+        if isinstance(router, adaptive.TopAnyRouter):
+            active = router.active
+            thresholds = router.threshold.detach()[active].float().cpu().numpy()
+            scalars[f"{prefix}/active_experts"] = float(active.sum())
+            if thresholds.size:
+                scalars[f"{prefix}/threshold_mean"] = float(thresholds.mean())
+                scalars[f"{prefix}/threshold_min"] = float(thresholds.min())
+                scalars[f"{prefix}/threshold_max"] = float(thresholds.max())
+                hists[f"{prefix}/thresholds"] = thresholds
+        state = getattr(layer, "capacity_state", None)
+        if state is not None:
+            scalars.update(capacity_dynamic.capacity_metrics(state, prefix))
+    return scalars, hists
+
+
+def write_routing_metrics(model: nn.Module, sink, step: int, reduce_fn: ReduceFn | None = None) -> None:
+    """Log :func:`routing_metrics` to a ``MetricsSink`` (scalars and histograms)."""
+    scalars, hists = routing_metrics(model, reduce_fn)
+    if scalars:
+        sink.scalars(step, scalars)
+    for tag, values in hists.items():
+        if values.size:
+            sink.histogram(step, tag, values)
