@@ -58,7 +58,7 @@ def _dead_peer(rank: int, world_size: int, silent: bool) -> dict:
     record = comms.CollectiveRecord()
     watchdog = CollectiveWatchdog(timeout_s=TIMEOUT_S, record=record, rank=rank, exit_on_failure=False)
     splits = [[1, 2], [3, 0]]
-    x = torch.ones(3, 2) if rank == 0 else torch.ones(3, 2)
+    x = torch.ones(3, 2)  # 3 rows on each rank
     with watchdog.guard("step 1"):
         comms.all_to_all(x, [splits[0][rank], splits[1][rank]], splits[rank], dist.group.WORLD, record)
     if rank == 1:
