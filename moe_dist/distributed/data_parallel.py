@@ -46,6 +46,7 @@ from torch import nn
 
 from moe_dist.distributed import comms
 from moe_dist.distributed.expert_parallel import is_expert_param
+from moe_dist.distributed.tensor_parallel import TP_SHARDED, is_tp_partial_grad
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -55,13 +56,13 @@ if TYPE_CHECKING:
 
 def is_tp_sharded(param: torch.Tensor) -> bool:
     """A dense parameter split over the tp group (its norm is summed over tp)."""
-    return bool(getattr(param, "_tp_sharded", False))
+    return bool(getattr(param, TP_SHARDED, False))
 
 
 @dataclass(eq=False)
 class _Bucket:
     params: list[nn.Parameter]
-    group: ProcessGroup | None
+    groups: tuple[ProcessGroup, ...]  # summed over each in turn
     divisor: int
     ready: set[int] = field(default_factory=set)
     buffer: torch.Tensor | None = None
@@ -95,24 +96,29 @@ class GradReducer:
                          for b in self.buckets for p in b.params]
 
     # setup ------------------------------------------------------------------------------------
-    def _spec(self, param: nn.Parameter) -> tuple[ProcessGroup | None, int]:
+    def _spec(self, param: nn.Parameter) -> tuple[tuple[ProcessGroup, ...], int]:
+        """The groups to sum the gradient over, in order, and the divisor (always dp)."""
         if is_expert_param(param):
-            return self.mesh.expert_grad_group, self.mesh.dp_size
-        return self.mesh.dense_grad_group, self.mesh.dp_size
+            groups = (self.mesh.expert_grad_group,)
+        elif is_tp_partial_grad(param):  # each tp rank saw its own tokens: sum over tp too
+            groups = (self.mesh.tp_group, self.mesh.dense_grad_group)
+        else:
+            groups = (self.mesh.dense_grad_group,)
+        return tuple(g for g in groups if g is not None), self.mesh.dp_size
 
     def _build_buckets(self, params: list[nn.Parameter]) -> list[_Bucket]:
         open_buckets: dict[tuple, _Bucket] = {}
         sizes: dict[tuple, int] = {}
         buckets: list[_Bucket] = []
         for param in reversed(params):
-            group, divisor = self._spec(param)
-            if group is None and divisor == 1:
+            groups, divisor = self._spec(param)
+            if not groups and divisor == 1:
                 continue  # nothing to do for a parameter nobody else holds
-            key = (id(group), divisor, param.dtype, param.device)
+            key = (tuple(id(g) for g in groups), divisor, param.dtype, param.device)
             nbytes = param.numel() * param.element_size()
             bucket = open_buckets.get(key)
             if bucket is None or (sizes[key] + nbytes > self.bucket_bytes and bucket.params):
-                bucket = _Bucket([], group, divisor)
+                bucket = _Bucket([], groups, divisor)
                 open_buckets[key], sizes[key] = bucket, 0
                 buckets.append(bucket)
             bucket.params.append(param)
@@ -151,13 +157,12 @@ class GradReducer:
         if bucket.divisor != 1:
             flat.div_(bucket.divisor)
         bucket.buffer, bucket.launched = flat, True
-        if bucket.group is None:
-            return
         launch_async = getattr(comms, "all_reduce_async", None)
-        if launch_async is not None:
-            bucket.work = launch_async(flat, "sum", bucket.group)
-        else:
-            comms.all_reduce(flat, "sum", bucket.group)
+        if launch_async is not None and len(bucket.groups) == 1:
+            bucket.work = launch_async(flat, "sum", bucket.groups[0])
+            return
+        for group in bucket.groups:
+            comms.all_reduce(flat, "sum", group)
 
     # after backward ---------------------------------------------------------------------------
     def finish(self) -> None:

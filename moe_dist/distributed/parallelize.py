@@ -37,12 +37,10 @@ from moe_dist.distributed.mesh import ParallelMesh
 class DistributedPlan:
     """What the trainer calls around backward and the optimizer step on a parallel mesh."""
 
-    def __init__(self, model: nn.Module, mesh: ParallelMesh, reducer: GradReducer,
-                 sequence_parallel: bool) -> None:
+    def __init__(self, model: nn.Module, mesh: ParallelMesh, reducer: GradReducer) -> None:
         self.model = model
         self.mesh = mesh
         self.reducer = reducer
-        self.sequence_parallel = sequence_parallel
 
     # gradients ---------------------------------------------------------------------------------
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
@@ -67,10 +65,10 @@ class DistributedPlan:
         return comms.all_reduce(tensor.clone(), "avg", self.mesh.dp_group)
 
     def sum_over_token_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over every rank that routes different tokens: dp, and tp with sequence parallelism."""
+        """Sum over every rank that routes different tokens: dp and tp (under TP each tp rank
+        routes its own slice of the tokens, with or without sequence parallelism)."""
         comms.all_reduce(tensor, "sum", self.mesh.dp_group)
-        if self.sequence_parallel:
-            comms.all_reduce(tensor, "sum", self.mesh.tp_group)
+        comms.all_reduce(tensor, "sum", self.mesh.tp_group)
         return tensor
 
     def after_optimizer_step(self, model: nn.Module) -> None:
@@ -93,4 +91,4 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config | ParallelConf
         apply_tp(model, mesh, parallel)
     apply_ep(model, mesh)
     reducer = GradReducer(model, mesh, bucket_mb=bucket_mb)
-    return DistributedPlan(model, mesh, reducer, parallel.sequence_parallel and mesh.tp_size > 1)
+    return DistributedPlan(model, mesh, reducer)

@@ -27,6 +27,7 @@ class Case:
     name: str
     dp: int
     ep: int
+    tp: int = 1
     num_experts: int = 4
     capacity: bool = False
     accum: int = 1
@@ -41,6 +42,8 @@ class RunRecord:
     grads: list[dict[str, torch.Tensor]] = field(default_factory=list)  # after clipping
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # after the last step
     expert_range: tuple[int, int] = (0, 0)
+    tp_shards: dict[str, int] = field(default_factory=dict)  # param name -> sharded dim (tp > 1)
+    tp_rank: int = 0
     host_syncs: int = 0
     kept: torch.Tensor | None = None  # [moe layers, E] assignments computed, by global expert id
 
@@ -108,14 +111,17 @@ def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
     from moe_dist.distributed.mesh import build_mesh
     from moe_dist.distributed.parallelize import parallelize
 
-    parallel = ParallelConfig(dp=case.dp, tp=1, ep=case.ep)
+    from moe_dist.distributed.tensor_parallel import tp_shard_dim
+
+    parallel = ParallelConfig(dp=case.dp, tp=case.tp, ep=case.ep)
     mesh = build_mesh(parallel, world_size, "cpu")
     model = build_model(case)
     plan = parallelize(model, mesh, parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     batches = global_batches(case)
     record = RunRecord(expert_range=(mesh.local_experts(case.num_experts).start,
-                                     mesh.local_experts(case.num_experts).stop))
+                                     mesh.local_experts(case.num_experts).stop), tp_rank=mesh.tp_rank)
+    record.tp_shards = {n: tp_shard_dim(p) for n, p in model.named_parameters() if tp_shard_dim(p) is not None}
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         losses = []
@@ -176,10 +182,10 @@ def check_against_reference(case: Case, ranks: list[RunRecord], ref: RunRecord, 
     """Losses of every micro-batch, grad norm, every gradient and the final parameters."""
     from moe_dist.distributed.mesh import MeshLayout
 
-    layout = MeshLayout(world_size=world_size, dp=case.dp, tp=1, ep=case.ep, etp=1)
+    layout = MeshLayout(world_size=world_size, dp=case.dp, tp=case.tp, ep=case.ep, etp=1)
     ranks = [from_numpy(rec) for rec in ranks]
-    # Expert-load counters stay indexed by global expert id: their sum over the data-parallel
-    # ranks is the reference's count over the whole batch.
+    # Expert-load counters stay indexed by global expert id: their sum over the ranks that route
+    # different tokens (dp, and tp: each tp rank routes its own slice) is the reference's count.
     torch.testing.assert_close(sum(rec.kept for rec in ranks), ref.kept, rtol=0, atol=0)
     if case.force_experts:
         others = [e for e in range(case.num_experts) if e not in case.force_experts]
@@ -195,14 +201,21 @@ def check_against_reference(case: Case, ranks: list[RunRecord], ref: RunRecord, 
                                        msg=lambda m: f"{case.name} rank {rank} step {step} grad norm: {m}")
             assert set(rec.grads[step]) == set(ref.grads[step]), f"{case.name}: gradient names differ"
             for name, grad in rec.grads[step].items():
-                want_grad = ref.grads[step][name]
-                if is_expert_name(name):
-                    want_grad = want_grad[start:stop]
+                want_grad = _shard_of(ref.grads[step][name], name, rec, case)
                 torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6,
                                            msg=lambda m: f"{case.name} rank {rank} step {step} grad {name}: {m}")
         # Adam divides by sqrt(v): where a gradient is near eps, fp32 rounding differences in
         # the gradient move the update by up to ~lr * 1e-4, hence the looser absolute bound.
         for name, param in rec.params.items():
-            want_param = ref.params[name][start:stop] if is_expert_name(name) else ref.params[name]
+            want_param = _shard_of(ref.params[name], name, rec, case)
             torch.testing.assert_close(param, want_param, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{case.name} rank {rank} final {name}: {m}")
+
+
+def _shard_of(full: torch.Tensor, name: str, rec: RunRecord, case: Case) -> torch.Tensor:
+    """This rank's piece of a reference tensor: its experts, or its tp shard."""
+    if is_expert_name(name):
+        return full[rec.expert_range[0]:rec.expert_range[1]]
+    if name in rec.tp_shards:
+        return full.chunk(case.tp, dim=rec.tp_shards[name])[rec.tp_rank]
+    return full

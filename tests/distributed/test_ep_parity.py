@@ -20,6 +20,8 @@ WORLD4 = [
     Case("ep4_dropless", dp=4, ep=4, num_experts=8),
     Case("dp4xep2_dropless", dp=4, ep=2),
     Case("dp4xep2_capacity", dp=4, ep=2, capacity=True),
+    Case("dp2xtp2xep2_dropless", dp=2, tp=2, ep=2),
+    Case("dp2xtp2xep4_dropless", dp=2, tp=2, ep=4, num_experts=8),
     Case("ep4_zero_tokens_dropless", dp=4, ep=4, num_experts=8, force_experts=(0, 1)),
     Case("ep4_zero_tokens_capacity", dp=4, ep=4, num_experts=8, capacity=True, force_experts=(0, 1)),
 ]
