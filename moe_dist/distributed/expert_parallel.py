@@ -87,7 +87,10 @@ class AllToAllDispatcher:
         self.num_local_experts = num_experts // ep_size
         self.capacity_fn = capacity_fn
         self.host_syncs = 0
-        """Device-to-host copies made so far (one per dropless dispatch); read by benchmarks."""
+        """Device-to-host copies on the hot path so far (one per dropless dispatch); read by benchmarks."""
+        self.shape_checks = 0
+        """One-time agreements on a new token count in capacity mode (each one collective + sync)."""
+        self._agreed_shapes: set[tuple[int, int]] = set()
 
     # dispatch ---------------------------------------------------------------------------------
     def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, valid_TK: torch.Tensor | None):
@@ -96,7 +99,25 @@ class AllToAllDispatcher:
         capacity = self.capacity_fn(num_tokens, top_k) if self.capacity_fn is not None else None
         if capacity is None:
             return self._dispatch_dropless(x_sorted_ND, tokens_per_expert_E, state)
+        self._agree_on_shape(num_tokens, top_k, capacity, x_TD.device)
         return self._dispatch_capacity(x_sorted_ND, tokens_per_expert_E, state, capacity)
+
+    def _agree_on_shape(self, num_tokens: int, top_k: int, capacity: int, device: torch.device) -> None:
+        """Static splits need the same capacity on every ep rank; check once per token count, so
+        that unequal micro-batches fail with a message instead of a mismatched all-to-all."""
+        if (num_tokens, top_k) in self._agreed_shapes or self.ep_group is None:
+            return
+        mine = torch.tensor([capacity, -capacity], dtype=torch.long, device=device)
+        comms.all_reduce(mine, "max", self.ep_group)
+        # NOTE: device-to-host sync, once per new (tokens, top_k) shape -- not on the hot path.
+        high, neg_low = mine.tolist()
+        self.shape_checks += 1
+        if high != -neg_low:
+            raise ValueError(f"fixed-capacity dispatch needs the same per-expert capacity on every ep rank, "
+                             f"but it ranges from {-neg_low} to {high} (this rank: {capacity}, from "
+                             f"{num_tokens} tokens x top_k {top_k}); give every rank equal micro-batches "
+                             "or use moe.capacity.policy=dropless")
+        self._agreed_shapes.add((num_tokens, top_k))
 
     def _dispatch_dropless(self, x_sorted_ND, tokens_per_expert_E, state):
         P, L = self.ep_size, self.num_local_experts

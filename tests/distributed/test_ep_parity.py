@@ -47,3 +47,29 @@ def test_ep_parity_world2():
 def test_ep_parity_world4():
     results = run_distributed(run_cases, 4, WORLD4, timeout=180)
     _check_all(WORLD4, 4, results)
+
+
+def _unequal_capacity(rank: int, world_size: int) -> str:
+    import torch
+
+    from moe_dist.config import ParallelConfig
+    from moe_dist.distributed.expert_parallel import AllToAllDispatcher
+    from moe_dist.distributed.mesh import build_mesh
+
+    mesh = build_mesh(ParallelConfig(dp=2, ep=2), world_size, "cpu")
+    dispatcher = AllToAllDispatcher(4, mesh.ep_group, mesh.ep_rank, mesh.ep_size,
+                                    capacity_fn=lambda tokens, top_k: tokens * top_k // 4)
+    num_tokens = 6 if rank == 0 else 10  # capacities 3 and 5
+    x = torch.randn(num_tokens, 8)
+    indices = torch.randint(0, 4, (num_tokens, 2))
+    try:
+        dispatcher.dispatch(x, indices, None)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_capacity_mode_rejects_unequal_batches_on_every_rank():
+    messages = run_distributed(_unequal_capacity, 2, timeout=60)
+    for message in messages:
+        assert "same per-expert capacity" in message and "from 3 to 5" in message, message
