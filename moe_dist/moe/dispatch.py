@@ -58,7 +58,7 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState)
         y_ND = torch.where(state.valid_N.unsqueeze(-1), y_ND, 0.0)
     inverse_N = torch.empty_like(state.sort_order_N)
     inverse_N[state.sort_order_N] = torch.arange(state.sort_order_N.numel(), device=y_ND.device)
-    y_TKD = y_ND.index_select(0, inverse_N).view(state.num_tokens, state.top_k, -1)
+    y_TKD = y_ND.index_select(0, inverse_N).view(state.num_tokens, state.top_k, y_ND.shape[-1])
     out_TD = torch.einsum("tkd,tk->td", y_TKD.float(), weights_TK.float())
     return out_TD.to(y_ND.dtype)
 
