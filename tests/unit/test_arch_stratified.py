@@ -1,0 +1,123 @@
+"""Stratified MoE: the strata 4+4 hand trace (ALGORITHMS.md section 12), per-pass capacity and
+balance loss, the agreement hook, shapes, gradients and bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_dist.config import CapacityConfig, ConfigError, ModelConfig, MoEConfig, RouterConfig, StratifiedConfig
+from moe_dist.models.registry import build
+from moe_dist.models.stratified import StratifiedMoELayer
+
+DIM = 8
+
+
+def _layer(policy: str = "dropless", strata=(4, 4)) -> StratifiedMoELayer:
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=sum(strata), expert_ffn_dim=6, grouped_gemm="loop",
+                    router=RouterConfig(top_k=2, aux_loss_coef=0.01),
+                    capacity=CapacityConfig(policy=policy, capacity_factor=1.0))
+    layer = StratifiedMoELayer(DIM, 16, moe, StratifiedConfig(strata=list(strata)), 1e-5)
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.05)
+        # Token direction e0 picks expert 5 (stratum 2) first; e1 picks expert 1 (stratum 1).
+        layer.router.weight[5, 0] = 3.0
+        layer.router.weight[1, 1] = 3.0
+    return layer
+
+
+def _expert(layer: StratifiedMoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ layer.experts.w13[e]).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ layer.experts.w2[e]
+
+
+def _routed(layer, x_hat, weight, offset):
+    probs = torch.softmax(x_hat @ weight.t(), -1)
+    top = torch.topk(probs, 2).indices
+    w = probs[top] / probs[top].sum()
+    return sum(w[j] * _expert(layer, int(top[j]) + offset, x_hat) for j in range(2)), int(top[0]) + offset, probs
+
+
+def test_hand_trace_strata_4_4():
+    layer = _layer()
+    x = torch.stack([torch.eye(DIM)[0] * 0.7, torch.eye(DIM)[1] * 1.3]).view(1, 2, DIM)
+    out, losses = layer(x)
+
+    # Pass 1 (stratum 0, 8-way gate, both tokens).
+    x_hat = layer.norms[0](x[0])
+    y0, top0, p0 = _routed(layer, x_hat[0], layer.router.weight, 0)
+    y1, top1, p1 = _routed(layer, x_hat[1], layer.router.weight, 0)
+    assert (top0, top1) == (5, 1)
+    # Token 0 chose stratum 2 and is done; token 1 chose stratum 1 and takes pass 2,
+    # on a 4-way gate over experts 4..7 fed norm_1(x + pass-1 output).
+    z1 = layer.norms[1](x[0, 1] + y1)
+    y1b, top1b, p1b = _routed(layer, z1, layer.upper_gates[0].weight, 4)
+    assert layer.upper_gates[0].weight.shape == (4, DIM) and top1b >= 4
+    torch.testing.assert_close(out[0, 0], y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0, 1], y1 + y1b, rtol=1e-5, atol=1e-6)
+
+    # Per-pass balance loss over the visible experts, averaged over the 2 passes.
+    ce1 = torch.zeros(8)
+    ce1[5] += 0.5
+    ce1[1] += 0.5
+    aux1 = 8 * ((p0 + p1) / 2 * ce1).sum()
+    aux2 = 4 * (p1b * F.one_hot(torch.tensor(top1b - 4), 4)).sum()
+    torch.testing.assert_close(losses["aux_loss"], 0.01 * (aux1 + aux2) / 2)
+    # Expert-load stats: 3 token-passes x top-2, tokens counted once.
+    assert layer.stats.kept.sum() == 6 and layer.stats.tokens == 2
+    assert layer.mean_passes() == 1.5
+
+
+def test_capacity_of_a_pass_uses_the_visible_experts():
+    layer = _layer(policy="fixed")
+    layer._visible = 4
+    assert layer.capacity_for(9, 2) == 2 * math.ceil(9 / 4)
+    layer._visible = 8
+    assert layer.capacity_for(9, 2) == 2 * math.ceil(9 / 8)
+    x = torch.randn(2, 5, DIM)
+    out, _ = layer(x)
+    assert out.shape == x.shape and out.isfinite().all()
+
+
+def test_agreement_hook_sets_the_passes():
+    layer = _layer()
+    calls = []
+
+    def agree(local: int, device) -> int:
+        calls.append(local)
+        return max(local, 1) if len(calls) == 1 else local  # a peer rank wants stratum 1 first
+
+    layer.set_stratum_agreement(agree)
+    out, losses = layer(torch.randn(1, 4, DIM))
+    # The first pass ran stratum 1 with no local token at state 1: zero rows, output zero.
+    assert calls[0] == 0 and calls[1] == 0 and calls[-1] == 2
+    assert out.shape == (1, 4, DIM)
+
+
+def test_model_shapes_grads_and_flops():
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="stratified", vocab_size=32, dim=16, n_layers=2, n_heads=2, max_seq_len=8,
+                            stratified=StratifiedConfig(strata=[2, 2, 4]))
+    moe = MoEConfig(num_experts=8, every=2, expert_ffn_dim=8)
+    model = build(model_cfg, moe)
+    out = model(torch.randint(0, 32, (2, 8)))
+    assert out.logits.shape == (2, 8, 32) and "aux_loss" in out.losses
+    (out.logits.logsumexp(-1).mean() + out.losses["aux_loss"]).backward()
+    layer = model.layers[1].mlp
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.experts.w13.grad.abs().sum() > 0
+    assert 1.0 <= model.mean_passes()[0] <= 3.0
+    flops = model.flops_per_token(8)
+    passes = model.mean_passes()[0]
+    assert flops.experts == pytest.approx(3 * passes * 2 * 6 * 16 * 8)
+
+
+def test_bad_strata():
+    with pytest.raises(ConfigError, match="sum to 6 but moe.num_experts is 8"):
+        build(ModelConfig(arch="stratified", vocab_size=8, dim=8, n_heads=2,
+                          stratified=StratifiedConfig(strata=[2, 4])), MoEConfig(num_experts=8))
+    with pytest.raises(ConfigError, match="positive sizes"):
+        StratifiedConfig(strata=[4, 0])
