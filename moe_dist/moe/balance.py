@@ -38,7 +38,7 @@ def sequence_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, seq_len
     counts_BE = torch.zeros(num_seqs, num_experts, device=scores_TE.device, dtype=scores_TE.dtype)
     ones = (torch.ones(num_seqs, seq_len * top_k, device=scores_TE.device, dtype=scores_TE.dtype)
             if valid_TK is None else valid_TK.reshape(num_seqs, seq_len * top_k).to(scores_TE.dtype))
-    counts_BE.scatter_add_(1, indices_TK.view(num_seqs, seq_len * top_k), ones)
+    counts_BE.scatter_add_(1, indices_TK.reshape(num_seqs, seq_len * top_k), ones)
     assignments_B1 = ones.sum(1, keepdim=True).clamp_min(1.0)
     f_BE = counts_BE * num_experts / assignments_B1
     p_BE = s_BSE.mean(dim=1)

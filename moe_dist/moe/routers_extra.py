@@ -104,6 +104,7 @@ class SoftmaxGate(nn.Module):
                probs_TE: torch.Tensor, logits_TE: torch.Tensor, seq_len: int | None,
                balance_losses: bool = True) -> RoutingResult:
         """Counts, statistics and losses common to every gate; returns the result."""
+        indices_TK = indices_TK.contiguous()
         weights_TK = torch.where(valid_TK, weights_TK, 0.0)
         experts_N = torch.where(valid_TK, indices_TK, self.num_experts).flatten()
         tokens_per_expert = torch.bincount(experts_N, minlength=self.num_experts + 1)[:self.num_experts]
