@@ -108,9 +108,18 @@ class MHMoEConfig:
     """Choose the sub-token experts' count and hidden size so that parameters and FLOPs match
     the plain MoE of the moe section (ALGORITHMS.md section 4(c)); false uses moe.num_experts
     and moe.expert_ffn_dim on the sub-tokens as given."""
+    num_experts: int = 0
+    """Sub-token experts E'. 0 derives it (match_moe) or takes moe.num_experts; set it to make
+    E' divisible by parallel.ep."""
+    expert_ffn_dim: int = 0
+    """Hidden size D' of one sub-token expert. 0 derives it (match_moe) or takes
+    moe.expert_ffn_dim."""
 
     def __post_init__(self) -> None:
         _require(self.heads >= 1, f"model.mh_moe.heads ({self.heads}) must be >= 1")
+        _require(self.num_experts >= 0 and self.expert_ffn_dim >= 0,
+                 f"model.mh_moe.num_experts ({self.num_experts}) and expert_ffn_dim "
+                 f"({self.expert_ffn_dim}) must be >= 0 (0 = derive)")
 
 
 @dataclass(kw_only=True)
