@@ -301,7 +301,7 @@ class CapacityConfig:
     """Memory ceiling of the 'controller' policy."""
     eval_capacity_factor: float = 2.0
     """Capacity factor at evaluation for 'fixed' and 'controller'."""
-    controller_gain: float = 0.1
+    controller_gain: float = 0.05
     """'controller': change of log(capacity_factor) per step at a relative drop-rate error of
     1 (the error is clipped to [-1, 1])."""
 
