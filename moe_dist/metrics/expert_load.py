@@ -11,8 +11,9 @@ ranks that do not log).
      (``routed | kept | tokens``, zero-padded where a layer has fewer experts);
   2. reduce it once with the injected ``reduce_fn`` (a sum over the ranks whose tokens differ;
      ``None`` in a single process);
-  3. copy it to the host once (the only sync);
-  4. zero the device counters, and compute the per-layer metrics on the host.
+  3. zero the device counters;
+  4. copy the reduced tensor to the host once (the only sync); the per-layer metrics are then
+     computed on the host.
 
 This module imports no ``torch.distributed``: the trainer passes
 ``functools.partial(moe_dist.distributed.comms.all_reduce, group=...)`` or similar.
@@ -147,26 +148,27 @@ class ExpertLoadTracker:
             return ExpertLoadReport(layers=[])
         widths = [stats.kept.shape[0] for stats in self.stats_modules]
         width = max(widths)
-        # 1. Stack into [L, 2 * width + 1]: routed | kept | tokens.
-        rows = []
-        for stats, experts in zip(self.stats_modules, widths):
-            pad = width - experts
-            rows.append(torch.cat([
-                nn.functional.pad(stats.routed.detach().to(torch.float64), (0, pad)),
-                nn.functional.pad(stats.kept.detach().to(torch.float64), (0, pad)),
-                stats.tokens.detach().to(torch.float64).reshape(1),
-            ]))
-        stacked = torch.stack(rows)
+        # 1. Stack into [L, 2 * width + 1]: routed | kept | tokens. A handful of kernels for any
+        #    number of layers (launch count matters: this runs right after a device sync).
+        def padded(name: str) -> torch.Tensor:
+            rows = [getattr(stats, name).detach() for stats in self.stats_modules]
+            rows = [row if row.shape[0] == width else nn.functional.pad(row, (0, width - row.shape[0]))
+                    for row in rows]
+            return torch.stack(rows)
+
+        tokens = torch.stack([stats.tokens.detach().reshape(()) for stats in self.stats_modules])
+        stacked = torch.cat([padded("routed"), padded("kept"), tokens[:, None]], dim=1).to(torch.float64)
         # 2. One reduction over the group.
         if self.reduce_fn is not None:
             result = self.reduce_fn(stacked)
             if isinstance(result, torch.Tensor):
                 stacked = result
-        # 3. NOTE: device-to-host sync (once per logging window).
-        host = stacked.cpu().numpy()
-        # 4. Reset the device counters for the next window.
+        # 3. Reset the device counters for the next window (the stack above is a copy; queued
+        #    before the sync so that these launches overlap the reduce).
         for stats in self.stats_modules:
             stats.reset()
+        # 4. NOTE: device-to-host sync (once per logging window).
+        host = stacked.cpu().numpy()
         layers = [
             LayerLoad(layer_id=layer_id, routed=host[row, :experts].copy(),
                       kept=host[row, width: width + experts].copy(), tokens=float(host[row, -1]))

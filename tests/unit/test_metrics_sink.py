@@ -12,8 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moe_dist.metrics import (BackgroundSink, JsonlSink, MetricsLogger, NullSink, build_progress, build_sinks, read_metrics,
-                              to_host_scalars)
+from moe_dist.metrics import (BackgroundSink, JsonlSink, MetricsLogger, NullSink, TensorBoardSink,
+                              build_progress, build_sinks, read_metrics, to_host_scalars)
 
 LOG_CFG = SimpleNamespace(tensorboard=True, progress_bar=True)
 
@@ -194,3 +194,20 @@ def test_background_sink_reraises_worker_errors():
     with pytest.raises(RuntimeError, match="background writer: OSError\\('disk full'\\)"):
         sink.flush()
     sink.close()
+
+
+def test_tensorboard_histogram_buckets(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    sink.histogram(3, "h", np.array([0.0, 0.1, 0.1, 0.4]))
+    sink.histogram(4, "same", np.array([2.0, 2.0]))
+    sink.close()
+    acc = _read_tb(tmp_path)
+    (event,) = acc.Histograms("h")
+    hist = event.histogram_value
+    assert (event.step, hist.num, hist.min, hist.max) == (3, 4, 0.0, 0.4)
+    assert hist.sum == pytest.approx(0.6) and hist.sum_squares == pytest.approx(0.18)
+    # 4 values -> 4 equal buckets over [0, 0.4]: [0, .1) [.1, .2) [.2, .3) [.3, .4]
+    np.testing.assert_allclose(hist.bucket_limit, [0.0, 0.1, 0.2, 0.3, 0.4])
+    assert list(hist.bucket) == [0, 1, 2, 0, 1]
+    (same,) = acc.Histograms("same")
+    assert same.histogram_value.num == 2 and sum(same.histogram_value.bucket) == 2
