@@ -73,8 +73,9 @@ class AllToAllDispatcher:
     path when it returns an int; ``None`` or a ``None`` result selects the dropless path.
     """
 
-    def __init__(self, num_experts: int, ep_group: ProcessGroup, ep_rank: int, ep_size: int,
-                 capacity_fn: CapacityFn | None = None) -> None:
+    def __init__(self, num_experts: int, ep_group: ProcessGroup | None, ep_rank: int, ep_size: int,
+                 capacity_fn: CapacityFn | None = None,
+                 record: comms.CollectiveRecord | None = None) -> None:
         if num_experts % ep_size != 0:
             raise ValueError(f"moe.num_experts ({num_experts}) must be divisible by parallel.ep "
                              f"({ep_size}); use ep in {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}")
@@ -86,6 +87,8 @@ class AllToAllDispatcher:
         self.ep_size = ep_size
         self.num_local_experts = num_experts // ep_size
         self.capacity_fn = capacity_fn
+        self.record = record
+        """Caller-owned note of the last collective (with split sizes) for hang messages."""
         self.host_syncs = 0
         """Device-to-host copies on the hot path so far (one per dropless dispatch); read by benchmarks."""
         self.shape_checks = 0
@@ -108,7 +111,7 @@ class AllToAllDispatcher:
         if (num_tokens, top_k) in self._agreed_shapes or self.ep_group is None:
             return
         mine = torch.tensor([capacity, -capacity], dtype=torch.long, device=device)
-        comms.all_reduce(mine, "max", self.ep_group)
+        comms.all_reduce(mine, "max", self.ep_group, self.record)
         # NOTE: device-to-host sync, once per new (tokens, top_k) shape -- not on the hot path.
         high, neg_low = mine.tolist()
         self.shape_checks += 1
@@ -122,7 +125,7 @@ class AllToAllDispatcher:
     def _dispatch_dropless(self, x_sorted_ND, tokens_per_expert_E, state):
         P, L = self.ep_size, self.num_local_experts
         # Step 2: recv_counts[s*L + l] = rows source rank s sends to my local expert l.
-        recv_counts_E = comms.exchange_counts(tokens_per_expert_E, self.ep_group)
+        recv_counts_E = comms.exchange_counts(tokens_per_expert_E, self.ep_group, self.record)
         send_per_rank = tokens_per_expert_E.view(P, L).sum(1)
         recv_per_rank = recv_counts_E.view(P, L).sum(1)
         # Step 3. NOTE: device-to-host sync -- sizes the receive buffer of the uneven all-to-all.
@@ -133,7 +136,7 @@ class AllToAllDispatcher:
 
         # Step 4: valid rows are the first sum(send_splits) sorted rows, already grouped by rank.
         x_send = x_sorted_ND[:sum(send_splits)]
-        x_recv_RD = comms.AllToAll.apply(x_send, recv_splits, send_splits, self.ep_group)
+        x_recv_RD = comms.AllToAll.apply(x_send, recv_splits, send_splits, self.ep_group, self.record)
 
         # Step 5: (source, local expert) order -> local-expert-major order.
         local_order_R = local_expert_major_order(recv_counts_E, L, num_recv)
@@ -151,7 +154,7 @@ class AllToAllDispatcher:
         x_ext = torch.cat([x_sorted_ND, x_sorted_ND.new_zeros(1, dim)])  # row num_rows reads zeros
         x_send = x_ext.index_select(0, src_row_EC.reshape(-1))  # [E*C, D], rank-major already
         splits = [L * C] * P
-        x_recv = comms.AllToAll.apply(x_send, splits, splits, self.ep_group)  # [P*L*C, D]
+        x_recv = comms.AllToAll.apply(x_send, splits, splits, self.ep_group, self.record)  # [P*L*C, D]
         expert_in = x_recv.view(P, L, C, dim).transpose(0, 1).reshape(L * P * C, dim)
         tokens_per_local_expert = torch.full((L,), P * C, dtype=torch.long, device=device)
 
@@ -171,7 +174,8 @@ class AllToAllDispatcher:
         inverse_R = torch.empty_like(handle.local_order_R)
         inverse_R[handle.local_order_R] = torch.arange(handle.local_order_R.numel(), device=y_RD.device)
         y_recv = y_RD.index_select(0, inverse_R)
-        y_sent = comms.AllToAll.apply(y_recv, handle.send_splits, handle.recv_splits, self.ep_group)
+        y_sent = comms.AllToAll.apply(y_recv, handle.send_splits, handle.recv_splits, self.ep_group,
+                                      self.record)
         padding = handle.num_sorted_rows - y_sent.shape[0]
         return torch.cat([y_sent, y_sent.new_zeros(padding, y_sent.shape[1])]) if padding else y_sent
 
@@ -181,7 +185,7 @@ class AllToAllDispatcher:
         dim = y_RD.shape[1]
         y_recv = y_RD.view(L, P, C, dim).transpose(0, 1).reshape(P * L * C, dim)
         splits = [L * C] * P
-        y_back = comms.AllToAll.apply(y_recv, splits, splits, self.ep_group)  # [E*C, D]
+        y_back = comms.AllToAll.apply(y_recv, splits, splits, self.ep_group, self.record)  # [E*C, D]
         y_ext = torch.cat([y_back, y_back.new_zeros(1, dim)])
         return y_ext.index_select(0, handle.slot_of_row_N)
 
@@ -251,14 +255,15 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def apply_ep(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+def apply_ep(model: nn.Module, mesh: ParallelMesh, record: comms.CollectiveRecord | None = None) -> nn.Module:
     """Shard every MoE layer's experts over ``mesh.ep_group`` (in place) and return the model.
 
     Each rank keeps experts ``[ep_rank*L, (ep_rank+1)*L)`` of its (identically seeded) full
     weights, so the union over the ep group is exactly the single-process model. Expert params
     are tagged (:func:`is_expert_param`) for gradient reduction and norm clipping, even when
     ep=1 (then the dispatcher stays local). Routers, shared experts and dense layers stay
-    replicated; expert-load statistics stay indexed by global expert id.
+    replicated; expert-load statistics stay indexed by global expert id. ``record`` (shared by
+    every dispatcher) keeps the last all-to-all's split sizes for the hang watchdog's message.
     """
     if mesh.etp_size != 1:
         raise ValueError(f"parallel.etp ({mesh.etp_size}) > 1 is not supported by apply_ep yet; use etp=1")
@@ -282,7 +287,8 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
         experts.expert_offset = local.start
         fixed = layer.cfg.capacity.policy == "fixed"
         layer.set_dispatcher(AllToAllDispatcher(num_experts, mesh.ep_group, mesh.ep_rank, mesh.ep_size,
-                                                capacity_fn=layer.capacity_for if fixed else None))
+                                                capacity_fn=layer.capacity_for if fixed else None,
+                                                record=record))
     return model
 
 

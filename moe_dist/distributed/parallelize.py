@@ -79,8 +79,12 @@ class DistributedPlan:
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config | ParallelConfig,
-                bucket_mb: float = 25.0) -> DistributedPlan:
-    """Apply TP (tp > 1), EP and the gradient-reduction hooks to ``model`` in place."""
+                bucket_mb: float = 25.0, record: comms.CollectiveRecord | None = None) -> DistributedPlan:
+    """Apply TP (tp > 1), EP and the gradient-reduction hooks to ``model`` in place.
+
+    ``record`` is handed to every all-to-all dispatcher, so a ``CollectiveWatchdog`` built on it
+    reports the last dispatch's split sizes when a collective hangs.
+    """
     parallel = cfg.parallel if isinstance(cfg, Config) else cfg
     if mesh.tp_size > 1:
         try:
@@ -89,6 +93,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config | ParallelConf
             raise ValueError(f"parallel.tp ({mesh.tp_size}) > 1 needs moe_dist.distributed.tensor_parallel"
                              f" ({exc}); use tp=1") from exc
         apply_tp(model, mesh, parallel)
-    apply_ep(model, mesh)
+    apply_ep(model, mesh, record)
     reducer = GradReducer(model, mesh, bucket_mb=bucket_mb)
     return DistributedPlan(model, mesh, reducer)
