@@ -31,6 +31,7 @@ from moe_dist.config import Config, ParallelConfig
 from moe_dist.distributed import comms
 from moe_dist.distributed.data_parallel import GradReducer, clip_grad_norm_
 from moe_dist.distributed.expert_parallel import apply_ep
+from moe_dist.distributed.peer_parallel import apply_arch_parallel
 from moe_dist.distributed.mesh import ParallelMesh
 
 
@@ -94,5 +95,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config | ParallelConf
                              f" ({exc}); use tp=1") from exc
         apply_tp(model, mesh, parallel)
     apply_ep(model, mesh, record)
+    apply_arch_parallel(model, mesh)  # PEER table shards, stratified pass agreement
     reducer = GradReducer(model, mesh, bucket_mb=bucket_mb)
     return DistributedPlan(model, mesh, reducer)
