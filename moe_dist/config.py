@@ -502,9 +502,17 @@ class ZeroConfig:
     """Overlap gradient reduction with backward."""
     bucket_size: int = 50_000_000
     """Reduce/allgather bucket size in elements."""
+    ds_config: str = ""
+    """Path of a DeepSpeed JSON config with extra keys (e.g. "wall_clock_breakdown") merged into
+    the generated one. Keys moe_dist generates (batch sizes, clipping, precision,
+    zero_optimization, optimizer, scheduler) are refused, not overridden. '' means none."""
 
     def __post_init__(self) -> None:
         _require(self.stage in (0, 1, 2, 3), f"zero.stage ({self.stage}) must be 0, 1, 2 or 3")
+        _require(self.bucket_size > 0, f"zero.bucket_size ({self.bucket_size}) must be positive (elements)")
+        _require(not (self.offload_optimizer and self.stage == 0),
+                 "zero.offload_optimizer needs zero.stage >= 1 (stage 0 keeps no partitioned optimizer "
+                 "state to offload); set zero.stage=1 or 2")
 
 
 @dataclass(kw_only=True)
@@ -702,11 +710,30 @@ def validate(cfg: Config, world_size: int) -> None:
              f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
              f"train.micro_batch_size ({train.micro_batch_size}) x dp ({dp}) = {per_step}; "
              f"use global_batch_size={_round_up(train.global_batch_size, per_step)}")
-    if train.engine == "deepspeed" and cfg.zero.stage == 3 and cfg.moe.enabled:
+    if train.engine == "deepspeed":
+        _validate_deepspeed(cfg, world_size)
+
+
+def _validate_deepspeed(cfg: Config, world_size: int) -> None:
+    """What train.engine=deepspeed supports (docs/deepspeed.md says why)."""
+    par, stage = cfg.parallel, cfg.zero.stage
+    _require(world_size > 1, "train.engine=deepspeed needs at least 2 ranks (launch with torchrun, deepspeed "
+                             "or mpirun); for one process use train.engine=native")
+    _require(par.tp == 1, f"train.engine=deepspeed with parallel.tp ({par.tp}) > 1 is not supported: "
+                          "DeepSpeed's data-parallel group would span the tp ranks; use tp=1 or train.engine=native")
+    if cfg.moe.enabled and stage == 3:
         raise ConfigError(
-            "zero.stage (3) with an MoE model: ZeRO-3 would partition expert weights across the whole "
-            "data-parallel world, which breaks expert parallelism; use zero.stage=2 (expert "
-            "optimizer state is still partitioned over the expert-data-parallel group)")
+            "zero.stage (3) with an MoE model: ZeRO-3 partitions every parameter over the whole data-"
+            "parallel world and gathers it before each use, but moe_dist's expert weights differ from ep "
+            "rank to ep rank (DeepSpeed 0.19 partitions experts over their expert-data-parallel group "
+            "only for its own AutoEP layers); use zero.stage=2 (expert gradients and optimizer state are "
+            "partitioned over the expert-data-parallel group, dense ones over all ranks), or zero.stage=3 "
+            "with a dense model")
+    if cfg.moe.enabled and par.ep > 1 and stage == 0:
+        raise ConfigError(
+            f"zero.stage (0) with parallel.ep ({par.ep}) > 1: DeepSpeed's non-ZeRO path measures the gradient "
+            "norm as the mean of per-rank norms, which differs from the global norm once ranks hold different "
+            "experts; use zero.stage=1 (the same update, optimizer state partitioned) or train.engine=native")
 
 
 def grad_accum_steps(cfg: Config, dp: int) -> int:

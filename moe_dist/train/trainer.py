@@ -63,9 +63,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
         self.model.to(self.device)
-        self.plan = runtime.parallelize(self.model, cfg)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self._configure_parallelism()
 
         self.accum_steps = grad_accum_steps(cfg, mesh.dp_size)
         self.sampler = GlobalBatchSampler(len(self.data.train), cfg.train.global_batch_size, cfg.data.seed)
@@ -81,6 +79,13 @@ class Trainer:
         self.peak_tflops = resolve_peak_tflops(cfg.log.peak_tflops, self.device)
         self.step = 0
         self._stop_requested = False
+
+    def _configure_parallelism(self) -> None:
+        """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model`` (the DeepSpeed
+        trainer in ``moe_dist.distributed.zero_trainer`` overrides this)."""
+        self.plan = self.rt.parallelize(self.model, self.cfg)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
 
     # ------------------------------------------------------------------ checkpoints
     def state_payload(self) -> dict:

@@ -1,0 +1,196 @@
+"""The training loop on a DeepSpeed engine: moe_dist's :class:`~moe_dist.train.trainer.Trainer`
+with the parallel plan, the step and the checkpoints swapped for DeepSpeed's.
+
+What stays moe_dist's: data order (rank r's micro-batch m of step s is the same rows as under the
+native engine), the model and its expert parallelism (:func:`apply_ep`), losses, validation,
+metrics, run directory, signals. What DeepSpeed does: gradient reduction and partitioning (ZeRO
+1/2), clipping, the AdamW step on fp32 master partitions, the scheduler, and the checkpoint
+files.
+
+Checkpoints (``<run_dir>/checkpoints/step_XXXXXXXX``) are written by ``engine.save_checkpoint``
+into a temporary sibling directory, then moe_dist adds this rank's expert shard where needed
+(``experts_ep{ep_rank}.pt``, see :func:`save_expert_shards`), hashes every file into
+``manifest.json`` and renames the directory into place (``moe_dist.train.checkpoint``). Only then
+does rank 0 point ``checkpoints/latest`` (DeepSpeed's pointer file) at it, so a kill at any
+moment leaves the previous checkpoint and pointer intact. The step, data position, RNG state and
+config travel in DeepSpeed's ``client_state``; routing state (router biases, controllers) is in
+the module's buffers, which are replicated and saved with the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from moe_dist.config import Config
+from moe_dist.distributed.expert_parallel import apply_ep, is_expert_param
+from moe_dist.distributed.parallelize import DistributedPlan
+from moe_dist.distributed.zero import build_engine
+from moe_dist.metrics import DeviceMeans
+from moe_dist.train import checkpoint as ckpt
+from moe_dist.train.run_dir import prepare_run_dir
+from moe_dist.train.runtime import Runtime
+from moe_dist.train.trainer import PREEMPTED_EXIT_CODE, Trainer, truncate_metrics
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+CLIENT_KEY = "moe_dist"
+
+
+def expert_shard_name(ep_rank: int) -> str:
+    return f"experts_ep{ep_rank:03d}.pt"
+
+
+class DeepSpeedTrainer(Trainer):
+    """:class:`Trainer` whose backward, step and checkpoints go through a DeepSpeed engine.
+
+    ``self.model`` is the engine (an ``nn.Module`` whose forward is the model's), so the inherited
+    forward, validation and metrics code runs unchanged; ``self.module`` is the bare model.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime) -> None:
+        super().__init__(cfg, run_dir, runtime)
+        self.module = self.model
+        self.model = self.engine
+        self.autocast_dtype = None  # DeepSpeed casts the module itself when bf16 is on
+
+    def _configure_parallelism(self) -> None:
+        mesh, cfg = self.rt.mesh, self.cfg
+        apply_ep(self.model, mesh)
+        # Only the plan's loss and reduction helpers are used; gradients are DeepSpeed's.
+        self.plan = DistributedPlan(self.model, mesh, reducer=None, sequence_parallel=False)  # type: ignore[arg-type]
+        bf16 = self.rt.autocast_dtype(cfg.train.dtype) is torch.bfloat16
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.engine = build_engine(self.model, cfg, mesh, bf16=bf16, backend=backend,
+                                   local_rank=self.rt.env.local_rank)
+        self.optimizer = self.engine.optimizer
+        self.scheduler = self.engine.lr_scheduler
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, means: DeviceMeans) -> None:
+        engine = self.engine
+        self.model.train()
+        for micro in range(self.accum_steps):
+            indices = self.sampler.micro_batch_indices(self.step, self.rt.mesh.dp_rank, self.rt.mesh.dp_size,
+                                                       micro, self.cfg.train.micro_batch_size)
+            inputs, targets = self._batch(indices, "train")
+            total, lm_loss, router_losses = self._forward_loss(inputs, targets)
+            engine.backward(total)  # divides by gradient_accumulation_steps, reduces at the boundary
+            engine.step()  # optimizer + scheduler only at the accumulation boundary
+            means.add({"train/loss": total, "train/lm_loss": lm_loss,
+                       **{f"train/{name}": value for name, value in router_losses.items()}})
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            means.add({"train/grad_norm": torch.as_tensor(float(norm), device=self.device)})
+        self.plan.after_optimizer_step(self.module)
+        self.step += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def client_state(self) -> dict:
+        return {CLIENT_KEY: {"step": self.step, "rng": ckpt.rng_state(),
+                             "data": {"next_step": self.step, "seed": self.cfg.data.seed},
+                             "config": self.cfg.to_dict()}}
+
+    def save(self) -> Path:
+        def write(directory: Path) -> None:
+            self.engine.save_checkpoint(str(directory.parent), tag=directory.name,
+                                        client_state=self.client_state(), save_latest=False)
+            save_expert_shards(self.module, self.rt.mesh, directory)
+            if self.rt.is_logging_rank:
+                (directory / "config.yaml").write_text(self.cfg.to_yaml())
+
+        with self.throughput.paused():
+            final = ckpt.save_checkpoint(self.run_dir, self.step, write, self.cfg.checkpoint.keep_last,
+                                         is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
+            if self.rt.is_logging_rank:
+                write_latest_pointer(final)
+            self.rt.barrier()
+        return final
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return
+        directory = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if directory is None:
+            return
+        ckpt.verify_checkpoint(directory)
+        path, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None or client is None or CLIENT_KEY not in client:
+            raise ckpt.CheckpointError(f"checkpoint {directory} is not a moe_dist DeepSpeed checkpoint "
+                                       f"(no '{CLIENT_KEY}' client state); was it written by train.engine=native?")
+        load_expert_shards(self.module, self.rt.mesh, directory)
+        state = client[CLIENT_KEY]
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        if self.rt.is_logging_rank:
+            truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
+        logger.info("resumed from %s at step %d", directory, self.step)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert shards and the latest pointer
+# --------------------------------------------------------------------------------------------
+
+def _expert_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in module.named_parameters() if is_expert_param(p)}
+
+
+def save_expert_shards(module: torch.nn.Module, mesh, directory: Path) -> None:
+    """Write this ep rank's expert weights (``experts_ep{ep_rank}.pt``) from edp rank 0.
+
+    DeepSpeed writes the module's state dict from rank 0 alone, which holds only rank 0's experts
+    (it splits expert files out only for its own MoE modules); ZeRO's per-rank optimizer shards do
+    hold every rank's fp32 master weights. The shard file makes the module weights right too, so
+    the first forward after a resume uses the saved experts, not rank 0's.
+    """
+    if mesh.ep_size == 1 or mesh.edp_rank != 0:
+        return
+    state = {name: tensor.cpu().clone() for name, tensor in _expert_state(module).items()}
+    ckpt.torch_save({"ep_rank": mesh.ep_rank, "ep_size": mesh.ep_size, "experts": state},
+                    directory / expert_shard_name(mesh.ep_rank))
+
+
+@torch.no_grad()
+def load_expert_shards(module: torch.nn.Module, mesh, directory: Path) -> None:
+    if mesh.ep_size == 1:
+        return
+    saved = ckpt.load_file(directory, expert_shard_name(mesh.ep_rank))
+    if saved["ep_size"] != mesh.ep_size:
+        raise ckpt.CheckpointError(f"checkpoint {directory} was written with parallel.ep={saved['ep_size']}; "
+                                   f"this run has ep={mesh.ep_size}; resume with the same ep")
+    current = _expert_state(module)
+    ckpt.check_state_dict_fits(saved["experts"], current, str(directory / expert_shard_name(mesh.ep_rank)))
+    for name, tensor in current.items():
+        tensor.copy_(saved["experts"][name])  # in place: ZeRO's flat buffers alias the params
+
+
+def write_latest_pointer(final: Path) -> None:
+    """``checkpoints/latest`` names the newest complete checkpoint (DeepSpeed's convention, read by
+    its tools such as zero_to_fp32.py); replaced atomically after the directory is in place."""
+    pointer = final.parent / LATEST_FILE
+    tmp = final.parent / f".{LATEST_FILE}.tmp"
+    tmp.write_text(final.name)
+    os.replace(tmp, pointer)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry
+# --------------------------------------------------------------------------------------------
+
+def run(cfg: Config, runtime: Runtime, run_dir: Path, overwrite: bool) -> int:
+    """Prepare the run directory, train on the DeepSpeed engine, return the exit code."""
+    if runtime.is_logging_rank:
+        prepare_run_dir(run_dir, cfg, overwrite, is_writer=True)
+    runtime.barrier()
+    trainer = DeepSpeedTrainer(cfg, run_dir, runtime)
+    result = trainer.fit()
+    if runtime.is_logging_rank:
+        logger.info("finished at step %d (DeepSpeed ZeRO-%d): loss %s; run directory %s", result.final_step,
+                    cfg.zero.stage, "n/a" if result.last_loss is None else f"{result.last_loss:.4f}", run_dir)
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
