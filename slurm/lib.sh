@@ -96,11 +96,18 @@ _moe_on_signal() {
     if [ -n "$_moe_step_pid" ]; then kill -USR1 "$_moe_step_pid" 2>/dev/null || true; fi
 }
 
+# Trap from the moment this file is sourced: a signal that arrives before the step starts
+# must not kill the batch shell (the default action), it must requeue the job.
+trap '_moe_on_signal USR1' USR1
+trap '_moe_on_signal TERM' TERM
+
 # moe_run_step COMMAND...: run one job step, forward preemption signals to it, and requeue
 # the job when the step stopped because of one. Exits the batch script with the step's code.
 moe_run_step() {
-    trap '_moe_on_signal USR1' USR1
-    trap '_moe_on_signal TERM' TERM
+    if [ -n "$_moe_signal" ]; then
+        moe_say "SIG$_moe_signal arrived before the step started"
+        moe_requeue
+    fi
     moe_say "step: $*"
     "$@" &
     _moe_step_pid=$!

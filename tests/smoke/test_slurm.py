@@ -113,7 +113,7 @@ def test_srun_direct_dry_run_layout_matches_torchrun(slurm_cluster, tmp_path: Pa
 
 def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path: Path) -> None:
     require_cli()
-    steps = 40
+    steps = 300  # ~15-40 ms each: long enough to signal the job mid-run
     run_dir = tmp_path / "run"
     args = [arg if not arg.startswith("train.steps=") else f"train.steps={steps}" for arg in TINY]
     job_id, rc, log = sbatch("srun-direct.sbatch", args, tmp_path, run_dir, wait=False)
