@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_dist.moe.kernels import permute as permute_kernels
+
 
 @dataclass
 class PermuteState:
@@ -28,6 +30,26 @@ class PermuteState:
     valid_N: torch.Tensor | None  # validity of each sorted row
     num_tokens: int
     top_k: int
+    inverse_TK: torch.Tensor | None = None  # sorted row of each assignment (fast path only)
+    valid_TK: torch.Tensor | None = None  # validity per assignment (fast path only)
+
+
+def use_fast_kernels(x: torch.Tensor) -> bool:
+    """Whether the Triton permute/unpermute kernels run for this tensor: CUDA tensors only, so
+    CPU runs keep the exact torch path."""
+    return x.is_cuda and permute_kernels.triton_available()
+
+
+def count_per_expert(experts_N: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """``bincount(experts_N, minlength=num_bins)`` without a host sync on CUDA.
+
+    CUDA ``bincount`` reads the maximum back to the host to size its output; a scatter-add into
+    a fixed-size buffer does not (integer adds, so the counts are exact and deterministic).
+    """
+    if not experts_N.is_cuda:
+        return torch.bincount(experts_N, minlength=num_bins)
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=experts_N.device)
+    return counts.scatter_add_(0, experts_N, torch.ones_like(experts_N, dtype=torch.int64))
 
 
 def permute(x_TD: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
@@ -42,18 +64,42 @@ def permute(x_TD: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
     if valid_TK is not None:
         experts_N = torch.where(valid_TK.reshape(-1), experts_N, num_experts)
     sort_order_N = torch.argsort(experts_N, stable=True)
-    tokens_per_expert = torch.bincount(experts_N, minlength=num_experts + 1)[:num_experts]
-    x_sorted = x_TD.index_select(0, sort_order_N // top_k)
+    tokens_per_expert = count_per_expert(experts_N, num_experts + 1)[:num_experts]
     valid_N = None if valid_TK is None else valid_TK.reshape(-1)[sort_order_N]
-    return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k)
+    if not use_fast_kernels(x_TD):
+        x_sorted = x_TD.index_select(0, sort_order_N // top_k)
+        return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k)
+    # Fast path: one gather kernel forward, one K-row sum kernel backward.
+    inverse_TK = _inverse(sort_order_N).view(num_tokens, top_k)
+    x_sorted = permute_kernels.PermuteRows.apply(x_TD, sort_order_N, inverse_TK, valid_TK, True)
+    return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k,
+                                                     inverse_TK, valid_TK)
+
+
+def _inverse(sort_order_N: torch.Tensor) -> torch.Tensor:
+    inverse_N = torch.empty_like(sort_order_N)
+    inverse_N[sort_order_N] = torch.arange(sort_order_N.numel(), device=sort_order_N.device)
+    return inverse_N
 
 
 def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState) -> torch.Tensor:
     """Weighted sum of each token's expert outputs, back in token order.
 
     Deterministic: rows are un-sorted with a gather through the inverse permutation and then
-    summed over the K slots, with no scatter-add.
+    summed over the K slots, with no scatter-add. On CUDA one Triton kernel does the gather,
+    the weighting and the sum (fp32 accumulation), and one more the backward.
     """
+    if use_fast_kernels(y_ND) and y_ND.shape[0] == state.sort_order_N.numel():
+        inverse_TK = state.inverse_TK
+        if inverse_TK is None:
+            inverse_TK = _inverse(state.sort_order_N).view(state.num_tokens, state.top_k)
+        valid_TK = state.valid_TK
+        if valid_TK is None and state.valid_N is not None:
+            valid_TK = torch.empty_like(state.valid_N)
+            valid_TK[state.sort_order_N] = state.valid_N
+            valid_TK = valid_TK.view(state.num_tokens, state.top_k)
+        return permute_kernels.UnpermuteWeighted.apply(
+            y_ND, weights_TK, state.sort_order_N, inverse_TK, state.valid_N, valid_TK, True)
     if state.valid_N is not None:
         y_ND = torch.where(state.valid_N.unsqueeze(-1), y_ND, 0.0)
     inverse_N = torch.empty_like(state.sort_order_N)

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.moe.kernels import expert_ops
+from moe_dist.moe.kernels.permute import triton_available
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -32,6 +35,40 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous()
+
+
+class _ZeroTail(torch.autograd.Function):
+    """Forward: zero (in place) the rows of a fresh grouped_mm output past the last offset.
+    Backward: pass the gradient on, made contiguous (see :class:`_ContiguousGrad`)."""
+
+    @staticmethod
+    def forward(ctx, out, offsets):
+        expert_ops.zero_rows_from_(out, offsets)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(), None
+
+
+class _ZeroTailGrad(torch.autograd.Function):
+    """Identity whose backward zeroes the rows of the gradient past the last offset (the input
+    gradient of grouped_mm, a fresh buffer only this node reads, so it is zeroed in place)."""
+
+    @staticmethod
+    def forward(ctx, x, offsets):
+        ctx.save_for_backward(offsets)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        return expert_ops.zero_rows_from_(grad.contiguous(), offsets), None
+
+
+def _use_fast_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_available()
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -54,6 +91,10 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: t
             return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets))
         # Rows past the last offset are padding; grouped_mm leaves them undefined in the output
         # and in the input gradient, so both are masked (the input gradient via the where).
+        if _use_fast_kernels(x_ND):
+            # Same masking, touching only the padding rows (none when dropless).
+            x_in = _ZeroTailGrad.apply(x_ND, offsets)
+            return _ZeroTail.apply(torch._grouped_mm(x_in, w_EDF.to(x_ND.dtype), offs=offsets), offsets)
         row = torch.arange(x_ND.shape[0], device=x_ND.device)
         real = (row < offsets[-1]).unsqueeze(-1)
         x_ND = torch.where(real, x_ND, 0.0)
@@ -98,8 +139,12 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         h = grouped_matmul(x_ND, self.w13, tokens_per_expert, self.backend)
-        gate, up = h.chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.w2, tokens_per_expert, self.backend)
+        if _use_fast_kernels(h):
+            act = expert_ops.swiglu(h)  # one fused pass forward and backward
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return grouped_matmul(act, self.w2, tokens_per_expert, self.backend)
 
     def flops_per_assignment(self) -> int:
         return 2 * 3 * self.dim * self.ffn_dim

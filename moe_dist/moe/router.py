@@ -18,6 +18,8 @@ from torch import nn
 
 from moe_dist.config import RouterConfig
 from moe_dist.moe import balance
+from moe_dist.moe.dispatch import count_per_expert, use_fast_kernels
+from moe_dist.moe.kernels.router_topk import softmax_topk
 
 
 @dataclass
@@ -69,18 +71,21 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         logits_TE = self.logits(x_TD)
-        if self.cfg.type == "sigmoid_topk":
-            scores_TE = torch.sigmoid(logits_TE)
+        bias_E = self.expert_bias if self.cfg.bias_update_rate > 0 else None
+        if self.cfg.type != "sigmoid_topk" and use_fast_kernels(logits_TE):
+            scores_TE, indices_TK = softmax_topk(logits_TE, self.top_k, bias_E)  # fused Triton
         else:
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-
-        selection_TE = scores_TE + self.expert_bias if self.cfg.bias_update_rate > 0 else scores_TE
-        _, indices_TK = torch.topk(selection_TE.detach(), self.top_k, dim=-1, sorted=True)
+            if self.cfg.type == "sigmoid_topk":
+                scores_TE = torch.sigmoid(logits_TE)
+            else:
+                scores_TE = torch.softmax(logits_TE, dim=-1)
+            selection_TE = scores_TE + bias_E if bias_E is not None else scores_TE
+            _, indices_TK = torch.topk(selection_TE.detach(), self.top_k, dim=-1, sorted=True)
         weights_TK = scores_TE.gather(1, indices_TK)
         if self.cfg.normalize_weights and (self.top_k > 1 or self.cfg.type == "sigmoid_topk"):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-        tokens_per_expert = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        tokens_per_expert = count_per_expert(indices_TK.flatten(), self.num_experts)  # no host sync
         if self.training and self.cfg.bias_update_rate > 0:
             self.step_counts += tokens_per_expert
         losses = self._losses(logits_TE, scores_TE, indices_TK, tokens_per_expert, seq_len)
