@@ -21,9 +21,10 @@
    ids [9, 2, 12]; sorted by owner: [2 | 9, 12], send splits [1, 2]. Rank 1 receives [9, 12],
    gathers its local rows 1 and 4 and returns them; rank 0 un-sorts to rows for [9, 2, 12].
 
-2. Stratified MoE (:func:`apply_stratified_agreement`): the next stratum to process is agreed
-   with one MIN all-reduce over the ep group per pass, so every rank runs the same number of
-   all-to-all dispatches (a rank without tokens in that stratum joins with zero rows).
+2. Stratified MoE (:func:`apply_stratified_agreement`): before every pass the per-stratum
+   pending-token counts are MAX all-reduced over the ep group (one all-reduce of L ints), so every
+   rank picks the same stratum, runs the same number of all-to-all dispatches (a rank without
+   tokens in that stratum joins with zero rows) and sizes fixed capacities alike.
 
 :func:`apply_arch_parallel` applies both; ``parallelize`` calls it after ``apply_ep``.
 """
@@ -116,28 +117,26 @@ def apply_peer_ep(model: nn.Module, mesh: ParallelMesh) -> int:
 
 
 def apply_stratified_agreement(model: nn.Module, mesh: ParallelMesh) -> int:
-    """Install the per-pass MIN all-reduce over the ep group in every stratified MoE layer."""
+    """Install the per-pass MAX all-reduce over the ep group in every stratified MoE layer."""
     from moe_dist.models.stratified import StratifiedMoELayer
 
     layers = [m for m in model.modules() if isinstance(m, StratifiedMoELayer)]
     if mesh.ep_size > 1:
         for layer in layers:
-            layer.set_stratum_agreement(MinOverGroup(mesh.ep_group))
+            layer.set_stratum_agreement(MaxOverGroup(mesh.ep_group))
     return len(layers)
 
 
-class MinOverGroup:
-    """``agree(local) -> min over the group`` for small ints, one all-reduce per call."""
+class MaxOverGroup:
+    """``agree(counts) -> elementwise max of counts over the group``, one all-reduce per call."""
 
     def __init__(self, group: ProcessGroup) -> None:
         self.group = group
         self.calls = 0
 
-    def __call__(self, local: int, device: torch.device) -> int:
-        value = torch.tensor([local], dtype=torch.long, device=device)
-        comms.all_reduce(value, "min", self.group)
+    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return int(value.item())  # NOTE: device-to-host sync
+        return comms.all_reduce(counts.clone(), "max", self.group)
 
 
 def apply_arch_parallel(model: nn.Module, mesh: ParallelMesh) -> None:

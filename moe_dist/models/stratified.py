@@ -5,10 +5,12 @@ stratum l owns the global ids ``[o_l, o_l + n_l)``. Stratum l has its own gate G
 ``E - o_l`` experts of strata l..L (for l = 0 it is the MoELayer's router). Every token keeps a
 state s_t, initially 0. Each pass:
 
-1. the stratum to process is ``l = min_t s_t`` over the tokens still pending (s_t < L), agreed
-   over the expert-parallel group through the injectable ``agree_stratum`` hook (a MIN
-   all-reduce, installed by ``moe_dist.distributed.peer_parallel``), so every rank runs the same
-   number of all-to-all dispatches -- a rank with no token at stratum l joins with zero rows;
+1. the stratum to process is the lowest one holding a pending token (s_t < L). The per-stratum
+   pending counts go through the injectable ``agree_stratum`` hook -- a MAX all-reduce over the
+   expert-parallel group, installed by ``moe_dist.distributed.peer_parallel`` -- so every rank
+   picks the same stratum and runs the same number of all-to-all dispatches (a rank with no
+   token at stratum l joins with zero rows), and fixed capacities use the group's largest
+   count, so they agree too;
 2. the tokens with ``s_t = l`` are normalised (one RMSNorm per stratum), routed by G_l
    (softmax over the visible experts, top-k, deterministic -- the reference samples its second
    expert with Gumbel noise), dispatched to the experts and combined;
@@ -21,7 +23,8 @@ sum of its passes) for the block's residual. Balance loss per pass over the visi
 ``(E - o_l)^2 * mean_e(me_e * ce_e)`` (me: mean gate probability, ce: top-1 share), summed over
 passes and divided by the number of passes, times ``moe.router.aux_loss_coef``. Capacity with
 ``moe.capacity.policy=fixed``: ``C = top_k * ceil(capacity_factor * S_l / (E - o_l))`` for the
-S_l tokens of the pass (the fairseq rule ``2*ceil(S/E)`` at factor 1).
+S_l tokens of the pass (the largest S_l over the ep group; the fairseq rule ``2*ceil(S/E)`` at
+factor 1).
 
 The experts are one pool of E :class:`GroupedExperts` (this is a :class:`MoELayer`), so
 ``apply_ep`` shards them and installs the all-to-all dispatcher unchanged.
@@ -44,7 +47,8 @@ from moe_dist.models.transformer import RMSNorm
 from moe_dist.moe import capacity as cap
 from moe_dist.moe.layer import MoELayer
 
-AgreeFn = Callable[[int, torch.device], int]
+AgreeFn = Callable[[torch.Tensor], torch.Tensor]
+"""Pending tokens per stratum [L] -> the same reduced over the ep group (MAX)."""
 
 
 class StratifiedMoELayer(MoELayer):
@@ -75,6 +79,7 @@ class StratifiedMoELayer(MoELayer):
                                    for l in range(len(self.strata)))
         self.agree_stratum: AgreeFn | None = None
         self._visible = moe_cfg.num_experts
+        self._pass_tokens = 0  # the agreed token count of the current pass (capacity)
         self.register_buffer("passes_seen", torch.zeros(()), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros(()), persistent=False)
 
@@ -94,7 +99,8 @@ class StratifiedMoELayer(MoELayer):
         if policy.policy == "dropless":
             return None
         factor = policy.capacity_factor if self.training else policy.eval_capacity_factor
-        return max(top_k * math.ceil(factor * num_tokens / self._visible), 1)
+        tokens = max(num_tokens, self._pass_tokens)
+        return max(top_k * math.ceil(factor * tokens / self._visible), 1)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shape = x_BSD.shape
@@ -105,12 +111,13 @@ class StratifiedMoELayer(MoELayer):
         aux_total = x_TD.new_zeros((), dtype=torch.float32)
         passes = 0
         while True:
-            stratum = self._next_stratum(state_T)
+            stratum, self._pass_tokens = self._next_stratum(state_T)
             if stratum >= self.num_strata:
                 break
             rows = (state_T == stratum).nonzero().squeeze(1)  # NOTE: device-to-host sync (row count)
             inp = self.norms[stratum]((x_TD + acc_TD).index_select(0, rows))
             y, top1, aux = self._pass(inp, stratum)
+            self._pass_tokens = 0
             acc_TD = acc_TD.index_add(0, rows, y.to(acc_TD.dtype))
             state_T = state_T.index_copy(0, rows, self.stratum_of_expert[top1] + 1)
             aux_total = aux_total + aux
@@ -124,10 +131,15 @@ class StratifiedMoELayer(MoELayer):
                 losses["aux_loss"] = coef * aux_total / passes
         return acc_TD.view(shape), losses
 
-    def _next_stratum(self, state_T: torch.Tensor) -> int:
-        pending = state_T[state_T < self.num_strata]
-        local = int(pending.min()) if pending.numel() else self.num_strata  # NOTE: device-to-host sync
-        return local if self.agree_stratum is None else self.agree_stratum(local, state_T.device)
+    def _next_stratum(self, state_T: torch.Tensor) -> tuple[int, int]:
+        """(lowest stratum with a pending token anywhere in the group, its largest token count)."""
+        counts = torch.bincount(state_T, minlength=self.num_strata + 1)[:self.num_strata]
+        if self.agree_stratum is not None:
+            counts = self.agree_stratum(counts)
+        for stratum, count in enumerate(counts.tolist()):  # NOTE: device-to-host sync
+            if count > 0:
+                return stratum, count
+        return self.num_strata, 0
 
     def _pass(self, inp_SD: torch.Tensor, stratum: int):
         """One pass of stratum ``stratum`` over its tokens: (output, top-1 global id, unweighted aux)."""

@@ -83,19 +83,28 @@ def test_capacity_of_a_pass_uses_the_visible_experts():
     assert out.shape == x.shape and out.isfinite().all()
 
 
-def test_agreement_hook_sets_the_passes():
-    layer = _layer()
-    calls = []
+def test_agreement_hook_sets_the_passes_and_capacity():
+    layer = _layer(policy="fixed")
+    calls, capacities = [], []
+    dispatch = layer.dispatcher.dispatch
 
-    def agree(local: int, device) -> int:
-        calls.append(local)
-        return max(local, 1) if len(calls) == 1 else local  # a peer rank wants stratum 1 first
+    def spy(x, indices, valid):
+        capacities.append(layer.capacity_for(x.shape[0], 2))
+        return dispatch(x, indices, valid)
 
+    def agree(counts):
+        calls.append(counts.tolist())
+        # A peer rank holds 10 tokens at stratum 1 until its second pass is done.
+        return torch.maximum(counts, torch.tensor([0, 10])) if len(calls) <= 2 else counts
+
+    layer.dispatcher.dispatch = spy
     layer.set_stratum_agreement(agree)
-    out, losses = layer(torch.randn(1, 4, DIM))
-    # The first pass ran stratum 1 with no local token at state 1: zero rows, output zero.
-    assert calls[0] == 0 and calls[1] == 0 and calls[-1] == 2
-    assert out.shape == (1, 4, DIM)
+    out, _ = layer(torch.randn(1, 4, DIM))
+    assert calls[0] == [4, 0] and calls[-1] == [0, 0]
+    # Pass 1: stratum 0 with 4 local tokens; then stratum 1 with the peer's 10 (whatever this
+    # rank holds, maybe zero rows) sizing the capacity: 2*ceil(10/4).
+    assert capacities[0] == 2 * math.ceil(4 / 8) and capacities[1] == 2 * math.ceil(10 / 4)
+    assert len(capacities) == 2 and out.shape == (1, 4, DIM)
 
 
 def test_model_shapes_grads_and_flops():
