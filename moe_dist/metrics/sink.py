@@ -143,8 +143,9 @@ class JsonlSink:
     """Appends one JSON object per logged step to ``path``.
 
     Scalars of the same step are merged: the pending line is written when a scalar for another
-    step arrives, on :meth:`flush` and on :meth:`close`. The trainer calls ``flush()`` once per
-    logging step, after all of that step's scalars. Should scalars for a step that was already
+    step arrives, on :meth:`flush` and on :meth:`close`. So the newest logged step reaches the
+    file one logging window late unless flushed; the trainer flushes before every checkpoint,
+    which makes every step a checkpoint covers durable. Should scalars for a step that was already
     written arrive later, they go out as a second line with the same ``step``;
     :func:`read_metrics` merges lines by step (later values win, which also resolves the steps
     that a resumed run repeats). Non-finite values are written as ``null`` (strict JSON).
