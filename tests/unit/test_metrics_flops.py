@@ -129,6 +129,7 @@ def test_device_means_average_over_the_window():
     assert len(means) == 0 and means.pop() == {}
 
 
+@pytest.mark.slow  # FlopCounterMode's first use initialises torch machinery for seconds
 def test_matmul_flops_match_torch_flop_counter_on_the_real_model():
     """Everything but the attention scores is a plain matmul (aten.mm) in the model; torch's
     FlopCounterMode must see exactly our count of them over forward + backward. Block 0 is dense,
@@ -149,3 +150,23 @@ def test_matmul_flops_match_torch_flop_counter_on_the_real_model():
     flops = training_flops_per_token(model_cfg, moe_cfg, seq_len)
     scores = 3 * model_cfg.n_layers * 2 * 2 * model_cfg.dim * (seq_len + 1) / 2
     assert mm_flops / (batch * seq_len) == flops.total - scores
+
+
+def test_six_n_matches_parameters_of_the_real_model():
+    """Without the attention-score term, training FLOPs are 6 x the matmul parameters a token
+    passes through: all Linear weights, the router weights, and top_k of the E experts' weights."""
+    from moe_dist.models.transformer import Transformer
+
+    model_cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, ffn_dim=48, vocab_size=40, max_seq_len=16)
+    moe_cfg = MoEConfig(num_experts=4, every=2, expert_ffn_dim=16, num_shared_experts=2,
+                        router=RouterConfig(top_k=2))
+    model = Transformer(model_cfg, moe_cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    active_moe = 0
+    for _, layer in model.moe_layers():
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) / moe_cfg.num_experts
+        active_moe += moe_cfg.router.top_k * per_expert + layer.router.weight.numel()
+    seq_len = 16
+    flops = training_flops_per_token(model_cfg, moe_cfg, seq_len)
+    scores = 3 * model_cfg.n_layers * 2 * model_cfg.dim * (seq_len + 1)
+    assert flops.total - scores == 6 * (linear + active_moe)
