@@ -101,6 +101,7 @@ class Trainer:
                 (directory / "config.yaml").write_text(self.cfg.to_yaml())
 
         with self.throughput.paused():
+            self.metrics.flush()  # metrics.jsonl holds every step up to this checkpoint
             return ckpt.save_checkpoint(self.run_dir, self.step, write, self.cfg.checkpoint.keep_last,
                                         is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
 
