@@ -24,10 +24,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from moe_dist.config import Config
 from moe_dist.distributed.expert_parallel import apply_ep, is_expert_param
-from moe_dist.distributed.parallelize import DistributedPlan
+from moe_dist.distributed import comms
 from moe_dist.distributed.zero import build_engine
 from moe_dist.metrics import DeviceMeans
 from moe_dist.train import checkpoint as ckpt
@@ -43,6 +45,35 @@ CLIENT_KEY = "moe_dist"
 
 def expert_shard_name(ep_rank: int) -> str:
     return f"experts_ep{ep_rank:03d}.pt"
+
+
+class ZeroPlan:
+    """The part of the trainer's plan interface a DeepSpeed run uses: losses and reductions.
+
+    Gradient reduction, clipping and the step belong to the engine, so ``no_sync``,
+    ``finish_gradient_sync`` and ``clip_grad_norm_`` do not exist here. tp is 1 (validated).
+    """
+
+    def __init__(self, mesh) -> None:
+        self.mesh = mesh
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy of this rank's micro-batch."""
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        return comms.all_reduce(tensor.clone(), "avg", self.mesh.dp_group)
+
+    def sum_over_token_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every dp rank routes its own tokens (tp = 1)."""
+        comms.all_reduce(tensor, "sum", self.mesh.dp_group)
+        return tensor
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Routing-state updates that must stay identical on every rank (aux-free bias)."""
+        from moe_dist.moe.balance import update_selection_bias_from_stats
+
+        update_selection_bias_from_stats(model, reduce_fn=self.sum_over_token_ranks)
 
 
 class DeepSpeedTrainer(Trainer):
@@ -61,8 +92,7 @@ class DeepSpeedTrainer(Trainer):
     def _configure_parallelism(self) -> None:
         mesh, cfg = self.rt.mesh, self.cfg
         apply_ep(self.model, mesh)
-        # Only the plan's loss and reduction helpers are used; gradients are DeepSpeed's.
-        self.plan = DistributedPlan(self.model, mesh, reducer=None, sequence_parallel=False)  # type: ignore[arg-type]
+        self.plan = ZeroPlan(mesh)
         bf16 = self.rt.autocast_dtype(cfg.train.dtype) is torch.bfloat16
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.engine = build_engine(self.model, cfg, mesh, bf16=bf16, backend=backend,
