@@ -289,6 +289,8 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh, record: comms.CollectiveRecor
         layer.set_dispatcher(AllToAllDispatcher(num_experts, mesh.ep_group, mesh.ep_rank, mesh.ep_size,
                                                 capacity_fn=layer.capacity_for if fixed else None,
                                                 record=record))
+        # 'dynamic' capacity: the busiest expert over the ep group (an in-place MAX all-reduce).
+        layer.capacity_reduce_fn = lambda t, group=mesh.ep_group: comms.all_reduce(t, "max", group)
     return model
 
 

@@ -45,8 +45,7 @@ def _parity_body(rank: int, world_size: int, ep: int, num_experts: int, cases) -
                         capacity=CapacityConfig(**capacity_kw))
         layer = MoELayer(DIM, FFN, cfg)
         reference = copy.deepcopy(layer)
-        apply_ep(layer, mesh)
-        layer.capacity_reduce_fn = lambda t: comms.all_reduce(t, "max", mesh.ep_group)
+        apply_ep(layer, mesh)  # also injects layer.capacity_reduce_fn (MAX over the ep group)
 
         torch.manual_seed(100 + rank)
         x = torch.randn(2, SEQ, DIM)
