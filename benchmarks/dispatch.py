@@ -1,0 +1,102 @@
+"""Router + permute + un-permute alone, as a share of the whole MoE layer, and host syncs.
+
+For each shape (see ``benchmarks.moe_layer``) and each moe_dist path (``moe_dist``: Triton fast
+paths; ``moe_dist_torch``: plain torch), times forward + backward of
+
+* ``routing``: router -> dispatch (permute) -> combine (weighted un-permute), the experts
+  replaced by the identity, and
+* ``layer``: the whole MoELayer,
+
+and reports ``share = routing / layer``. On CUDA it also counts the device-to-host
+synchronisations of one dropless forward + backward of the layer (``torch.cuda`` sync debug
+mode, warnings counted; 0 is the target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import warnings
+
+import torch
+
+from benchmarks.common import emit, error_record, gpu_name, log, pick_device, reference_kernels_only, time_fwd_bwd
+from benchmarks.moe_layer import SHAPES, TINY, Shape, build_moe_dist
+
+
+def count_host_syncs(forward, device: torch.device) -> int | None:
+    """Device-to-host syncs in one forward + backward (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = forward()
+            out.backward(torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    for w in syncs[:5]:
+        log(f"[dispatch] host sync: {w.filename}:{w.lineno}: {w.message}")
+    return len(syncs)
+
+
+def run(shape: Shape, system: str, args, device, dtype) -> dict:
+    base = {"bench": "dispatch", "shape": shape.name, "system": system, "tokens": shape.tokens,
+            "hidden": shape.hidden, "experts": shape.num_experts, "top_k": shape.top_k,
+            "device": gpu_name(device)}
+    torch.manual_seed(0)
+    x = (torch.randn(shape.tokens, shape.hidden, device=device, dtype=dtype) * 0.5).requires_grad_(True)
+    ctx = reference_kernels_only() if system == "moe_dist_torch" else contextlib.nullcontext()
+    try:
+        with ctx:
+            layer, layer_forward = build_moe_dist(shape, x, device, dtype)
+
+            def routing_forward():
+                routing = layer.router(x, seq_len=shape.tokens)
+                x_sorted, _, handle = layer.dispatcher.dispatch(x, routing.indices, routing.valid)
+                return layer.dispatcher.combine(x_sorted, routing.weights, handle)
+
+            def zero_grad():
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+
+            routing_t = time_fwd_bwd(routing_forward, device, args.warmup, args.iters, zero_grad)
+            layer_t = time_fwd_bwd(layer_forward, device, args.warmup, args.iters, zero_grad)
+            syncs = count_host_syncs(layer_forward, device)
+    except Exception as exc:
+        log(f"[dispatch] {system} on {shape.name} failed: {exc!r}")
+        return error_record(base, exc)
+    return {**base, "status": "ok",
+            "routing_fwd_ms": round(routing_t.fwd_ms, 3), "routing_bwd_ms": round(routing_t.bwd_ms, 3),
+            "layer_fwd_ms": round(layer_t.fwd_ms, 3), "layer_bwd_ms": round(layer_t.bwd_ms, 3),
+            "share": round(routing_t.total_ms / layer_t.total_ms, 4), "host_syncs": syncs,
+            "peak_mem_gib": round(layer_t.peak_mem_gib, 2)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--systems", nargs="+", default=["moe_dist", "moe_dist_torch"],
+                        choices=["moe_dist", "moe_dist_torch"])
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args(argv)
+    device = pick_device()
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    args.iters = args.iters if args.iters is not None else (2 if args.tiny else 20)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = []
+    for name in args.shapes:
+        for system in args.systems:
+            record = run(TINY[name] if args.tiny else SHAPES[name], system, args, device, dtype)
+            emit(record)
+            results.append(record)
+    return results
+
+
+if __name__ == "__main__":
+    main()

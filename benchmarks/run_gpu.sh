@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One batched GPU run: install carried wheels, check correctness, run every benchmark, print a
+# summary table last. Run from the repository root on the GPU machine:
+#
+#   bash benchmarks/run_gpu.sh [stages...]     stages: tests layer dispatch profile train train_compile
+#                                              (default: tests layer dispatch profile train)
+#
+# Results go to $OUT (default /tmp/moe_dist_gpu): results.jsonl (one JSON line per result),
+# *.log, profile.txt, summary.md. Wheels in .whl/ (megatron-core, deepspeed and their small
+# dependencies; see docs/performance.md) are installed with --no-deps into /tmp/site.
+set -u
+OUT=${OUT:-/tmp/moe_dist_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+STAGES=${*:-tests layer dispatch profile train}
+START=$(date +%s)
+stamp() { echo "[run_gpu +$(( $(date +%s) - START ))s] $*"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+stamp "wheels installed"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+run() {  # run <stage> <timeout_s> <command...>: JSON lines to results.jsonl, the rest to <stage>.log
+  local stage=$1 limit=$2; shift 2
+  stamp "start $stage"
+  timeout "$limit" "$@" 2> >(tee -a "$OUT/$stage.log" >&2) | tee -a "$OUT/results.jsonl"
+  stamp "end $stage (rc ${PIPESTATUS[0]})"
+}
+
+for stage in $STAGES; do
+  case $stage in
+    tests)
+      stamp "start tests"
+      timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -5
+      stamp "end tests" ;;
+    layer) run layer 240 python3 -m benchmarks.moe_layer ${LAYER_ARGS:-} ;;
+    dispatch) run dispatch 90 python3 -m benchmarks.dispatch ;;
+    profile)
+      stamp "start profile"
+      timeout 90 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
+      stamp "end profile" ;;
+    train) run train 150 python3 -m benchmarks.train_step ;;
+    train_compile) run train_compile 240 python3 -m benchmarks.train_step --compile ;;
+    train_reference) run train_reference 120 python3 -m benchmarks.train_step --reference --models moe ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+
+python3 -m benchmarks.summarize "$OUT/results.jsonl" | tee "$OUT/summary.md"
+stamp "done"

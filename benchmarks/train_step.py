@@ -1,0 +1,137 @@
+"""Tokens/s and MFU of a full training step: a ~1B-parameter MoE LM (~0.3B active) against the
+dense LM with the same active parameters.
+
+Step = forward in bf16 autocast (fp32 master weights) + cross-entropy (+ router losses) +
+backward + AdamW step + zero_grad. Models are moe_dist's ``Transformer``:
+
+* ``moe``: dim 1024, 12 layers, 16 heads, every MLP an MoE of 8 SwiGLU experts (ffn 2816),
+  top-2, dropless, vocab 32768 -> 0.95B parameters, 0.33B active per token.
+* ``dense``: the same with one dense SwiGLU of ffn 5632 per layer (same active parameters).
+
+MFU = tokens/s x training FLOPs per token (``moe_dist.metrics.flops``: matmuls only, attention
+scores included) / the datasheet bf16 peak (989 TFLOP/s for an H100 SXM); ``mfu_measured_peak``
+divides by the dense-GEMM rate measured in the same process instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import emit, error_record, gpu_name, log, pick_device, reference_kernels_only, time_call
+from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
+from moe_dist.metrics.flops import peak_tflops, training_flops_per_token
+from moe_dist.models.transformer import Transformer
+
+FULL = dict(dim=1024, n_layers=12, n_heads=16, expert_ffn=2816, experts=8, top_k=2, vocab=32768,
+            seq_len=2048, batch=8)
+TINY = dict(dim=64, n_layers=2, n_heads=4, expert_ffn=32, experts=4, top_k=2, vocab=256, seq_len=32, batch=2)
+
+
+def build(kind: str, size: dict) -> tuple[ModelConfig, MoEConfig]:
+    dense_ffn = size["expert_ffn"] * size["top_k"]
+    model_cfg = ModelConfig(dim=size["dim"], n_layers=size["n_layers"], n_heads=size["n_heads"],
+                            ffn_dim=dense_ffn, vocab_size=size["vocab"], max_seq_len=size["seq_len"])
+    if kind == "dense":
+        return model_cfg, MoEConfig(num_experts=0, every=0)
+    return model_cfg, MoEConfig(num_experts=size["experts"], expert_ffn_dim=size["expert_ffn"],
+                                router=RouterConfig(top_k=size["top_k"], aux_loss_coef=0.01),
+                                capacity=CapacityConfig(policy="dropless"))
+
+
+def measured_gemm_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = time_call(lambda: a @ b, device, warmup=5, iters=20)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | None) -> dict:
+    base = {"bench": "train_step", "model": kind, "system": "moe_dist" + ("_compiled" if args.compile else ""),
+            "optimizer": args.optimizer, "seq_len": size["seq_len"], "batch": size["batch"],
+            "device": gpu_name(device)}
+    try:
+        torch.manual_seed(0)
+        model_cfg, moe_cfg = build(kind, size)
+        model = Transformer(model_cfg, moe_cfg).to(device)
+        params = sum(p.numel() for p in model.parameters())
+        flops = training_flops_per_token(model_cfg, moe_cfg, size["seq_len"])
+        active = params - (0 if kind == "dense" else
+                           model_cfg.n_layers * 3 * model_cfg.dim * moe_cfg.expert_ffn_dim
+                           * (moe_cfg.num_experts - moe_cfg.router.top_k))
+        fused = device.type == "cuda" and args.optimizer == "fused"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                      **({"fused": True} if fused else {"foreach": False}))
+        forward = torch.compile(model) if args.compile else model
+        tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), device=device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+
+        def step():
+            with autocast:
+                out = forward(inputs)
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+                for value in out.losses.values():
+                    loss = loss + value
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_ms = time_call(step, device, warmup=args.warmup, iters=args.iters)
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    except Exception as exc:
+        log(f"[train_step] {kind} failed: {exc!r}")
+        return error_record(base, exc)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tokens_per_step = size["batch"] * size["seq_len"]
+    tokens_per_s = tokens_per_step / (step_ms * 1e-3)
+    achieved = tokens_per_s * flops.total / 1e12
+    peak = peak_tflops(device)
+    return {**base, "status": "ok", "params_m": round(params / 1e6, 3), "active_params_m": round(active / 1e6, 3),
+            "step_ms": round(step_ms, 2), "tokens_per_s": round(tokens_per_s), "tflops": round(achieved, 1),
+            "mfu": round(achieved / peak, 4) if peak else None,
+            "mfu_measured_peak": round(achieved / gemm_tflops, 4) if gemm_tflops else None,
+            "gemm_tflops": round(gemm_tflops, 1) if gemm_tflops else None,
+            "flops_per_token_g": round(flops.total / 1e9, 3), "peak_mem_gib": round(peak_mem, 2)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
+    parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"],
+                        help="fused AdamW, or the trainer's per-tensor loop (foreach=False)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--reference", action="store_true", help="moe_dist's plain torch path")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args(argv)
+    device = pick_device()
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.iters = args.iters if args.iters is not None else (2 if args.tiny else 10)
+    size = TINY if args.tiny else FULL
+    gemm = measured_gemm_tflops(device)
+    results = []
+    ctx = reference_kernels_only() if args.reference else contextlib.nullcontext()
+    with ctx:
+        for kind in args.models:
+            record = run(kind, size, args, device, gemm)
+            if args.reference:
+                record["system"] += "_torch"
+            emit(record)
+            results.append(record)
+    return results
+
+
+if __name__ == "__main__":
+    main()
