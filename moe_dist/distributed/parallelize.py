@@ -12,7 +12,7 @@ The model arrives single-device and identically initialised on every rank (same 
 It returns a :class:`DistributedPlan`, the object the trainer talks to (the same interface as
 ``moe_dist.train.runtime.LocalPlan``): ``no_sync``, ``finish_gradient_sync``,
 ``clip_grad_norm_``, ``cross_entropy``, ``mean_over_dp``, ``sum_over_token_ranks``,
-``after_optimizer_step``.
+``after_optimizer_step``, ``save_model_and_optimizer``, ``load_model_and_optimizer``.
 
 Router balance losses stay per rank: each rank's aux and z losses are computed on its own
 micro-batch, exactly as the single-process model computes them on the same micro-batch, and the
@@ -22,12 +22,14 @@ gradient average over dp then averages them as the reference averages its micro-
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import Config, ParallelConfig
+from moe_dist.distributed import checkpoint as dist_checkpoint
 from moe_dist.distributed import comms
 from moe_dist.distributed.data_parallel import GradReducer, clip_grad_norm_
 from moe_dist.distributed.expert_parallel import apply_ep
@@ -77,6 +79,15 @@ class DistributedPlan:
         from moe_dist.moe.balance import update_selection_bias_from_stats
 
         update_selection_bias_from_stats(model, reduce_fn=self.sum_over_token_ranks)
+
+    # checkpoints (collective: every rank calls them) ---------------------------------------------
+    def save_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Write global tensors with DCP, readable at any layout (see distributed/checkpoint.py)."""
+        dist_checkpoint.save_model_and_optimizer(directory, model, optimizer, self.mesh)
+
+    def load_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Read this rank's slices of a checkpoint written at any layout."""
+        dist_checkpoint.load_model_and_optimizer(directory, model, optimizer, self.mesh)
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config | ParallelConfig,

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,9 @@ from torch import nn
 from moe_dist.config import Config, validate
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
-from moe_dist.train import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from moe_dist.distributed.agreement import CollectiveWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +54,16 @@ class LocalPlan:
 
         update_selection_bias_from_stats(model, reduce_fn=None)
 
+    # The same DCP format as every distributed layout, so checkpoints move between them.
     def save_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer) -> None:
-        ckpt.torch_save(model.state_dict(), directory / "model.pt")
-        ckpt.torch_save(optimizer.state_dict(), directory / "optimizer.pt")
+        from moe_dist.distributed import checkpoint as dist_checkpoint
+
+        dist_checkpoint.save_model_and_optimizer(directory, model, optimizer, ParallelMesh.single())
 
     def load_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer) -> None:
-        state = ckpt.load_file(directory, "model.pt")
-        ckpt.check_state_dict_fits(state, model.state_dict(), str(directory))
-        model.load_state_dict(state)
-        optimizer.load_state_dict(ckpt.load_file(directory, "optimizer.pt"))
+        from moe_dist.distributed import checkpoint as dist_checkpoint
+
+        dist_checkpoint.load_model_and_optimizer(directory, model, optimizer, ParallelMesh.single())
 
     def attach(self, model: nn.Module) -> LocalPlan:
         self.model = model
@@ -71,6 +75,9 @@ class Runtime:
     env: LaunchEnv
     mesh: ParallelMesh
     device: torch.device
+    watchdog: CollectiveWatchdog | None = None
+    """Bounds each training step's collectives (distributed runs; None for one process). Its
+    ``record`` is handed to the dispatchers, so a hang names the last split sizes."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -103,13 +110,17 @@ class Runtime:
             return LocalPlan().attach(model)
         from moe_dist.distributed.parallelize import parallelize
 
-        return parallelize(model, self.mesh, cfg)
+        return parallelize(model, self.mesh, cfg, record=self.watchdog.record if self.watchdog else None)
+
+    def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Run ``what`` (a training step) under the collective watchdog; a no-op alone."""
+        return self.watchdog.guard(what) if self.watchdog else contextlib.nullcontext()
 
     def agree_before_training(self, model: nn.Module, cfg: Config) -> None:
         if self.distributed:
             from moe_dist.distributed.agreement import agree_before_training
 
-            agree_before_training(model, cfg, self.mesh)
+            agree_before_training(model, cfg, self.mesh, self.watchdog.record if self.watchdog else None)
 
     def autocast_dtype(self, dtype: str) -> torch.dtype | None:
         if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
@@ -143,7 +154,11 @@ def build_runtime(cfg: Config, env: LaunchEnv | None = None) -> Runtime:
     backend = "nccl" if device.type == "cuda" else "gloo"
     init_process_group(env, backend=backend, timeout=cfg.parallel.collective_timeout_s)
     mesh = build_mesh(cfg.parallel, env.world_size, device.type)
-    return Runtime(env, mesh, device)
+    from moe_dist.distributed.agreement import CollectiveWatchdog
+    from moe_dist.distributed.comms import CollectiveRecord
+
+    watchdog = CollectiveWatchdog(cfg.parallel.collective_timeout_s, CollectiveRecord(), env.rank)
+    return Runtime(env, mesh, device, watchdog)
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -105,19 +105,22 @@ def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
     directory = ckpt.latest_checkpoint(run_dir)
     ckpt.verify_checkpoint(directory)
 
-    state = torch.load(directory / "model.pt")
+    from moe_dist.distributed.checkpoint import read_metadata  # model and optimizer are one DCP checkpoint
+
+    stored = read_metadata(directory).state_dict_metadata
+    state = {k: torch.zeros(tuple(v.size)) for k, v in stored.items() if k.startswith("model.")}
     key = next(k for k in state if k.endswith("experts.w13"))
     wrong = dict(state)
     wrong[key] = torch.zeros(3, 3)
     with pytest.raises(ckpt.CheckpointError, match=rf"tensor {key}: checkpoint shape \(3, 3\) != model shape"):
         ckpt.check_state_dict_fits(wrong, state, "test")
 
-    with open(directory / "model.pt", "r+b") as handle:
+    with open(directory / "__0_0.distcp", "r+b") as handle:
         handle.seek(100)
         handle.write(b"corrupted!")
     result = run_train(run_dir, "train.steps=4", "train.eval_every=0", check=False)
     assert result.returncode != 0
-    assert "model.pt is corrupt" in result.stderr and "resume from an older checkpoint" in result.stderr
+    assert "__0_0.distcp is corrupt" in result.stderr and "resume from an older checkpoint" in result.stderr
 
 
 def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):

@@ -1,0 +1,365 @@
+"""Layout-independent checkpoints: model and optimizer state through ``torch.distributed.checkpoint``.
+
+One format for every layout. A checkpoint holds *global* tensors under the single-process
+model's names (``model.<fqn>``, ``optim.state.<fqn>.<slot>``, ``optim.param_groups.<i>.<key>``),
+each written as one or more chunks with their offsets. A run saved at (dp=4, ep=4) can therefore
+resume at (dp=2, ep=2), at ep=1 or in one process: each rank reads the slices it now holds.
+
+How a local shard becomes a global tensor
+-----------------------------------------
+A sharded parameter is wrapped as a ``DTensor`` with one ``Shard(dim)`` placement on the 1-D
+sub-mesh of the dimension that splits it (``DTensor.from_local(..., run_check=False, shape=...,
+stride=...)``: no communication, the storage is shared). DCP turns that into a chunk at offset
+``rank_in_submesh * local_size`` along ``dim``:
+
+* expert weights (tagged ``_moe_expert``) under ``ep > 1``: dim 0 over ``ep``. Rank r of the ep
+  group holds experts ``[r*L, (r+1)*L)`` (``GroupedExperts.expert_offset``), PEER tables rows
+  ``[r*N/P, (r+1)*N/P)``: contiguous equal blocks in ep-rank order, exactly DTensor's ``Shard(0)``.
+* tensor-parallel shards (tagged ``_tp_sharded``) under ``tp > 1``: dim ``_tp_shard_dim`` over ``tp``.
+* everything else (dense weights, buffers, AdamW's ``step``): a plain tensor, i.e. replicated.
+
+Replicas (the edp copies of an expert, the dp copies of a dense weight) present the same chunk;
+DCP's planner keeps one of them. The optimizer's per-element slots (``exp_avg``, ``exp_avg_sq``)
+are wrapped exactly like their parameter, so they follow its sharding.
+
+DTensor was chosen over a custom DCP planner because it needs no planner code and works on CPU
+gloo in torch 2.13 over a slice of a multi-dimensional ``DeviceMesh`` (``mesh.submesh('ep')``).
+
+Checks
+------
+* :func:`verify_coverage` after every save: each tensor's chunks must tile its global shape
+  exactly (inside the bounds, no overlaps, no gaps) and each chunk must have stored bytes, so
+  every expert and its optimizer slots were written exactly once. It raises
+  :class:`~moe_dist.train.checkpoint.CheckpointError` naming the tensor otherwise.
+* :func:`check_fits` before every load: a tensor missing from the checkpoint, an unexpected one,
+  or a different global shape is an error naming the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+from moe_dist.distributed.expert_parallel import is_expert_param, moe_layers
+from moe_dist.distributed.mesh import ParallelMesh
+from moe_dist.distributed.tensor_parallel import TP_SHARDED, tp_shard_dim
+from moe_dist.train.checkpoint import CheckpointError
+
+MODEL = "model"
+OPTIM = "optim"
+_MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How this rank's tensor sits in the global one: block ``rank`` of ``size`` along ``dim``."""
+
+    mesh_dim: str
+    """'ep' or 'tp': the sub-mesh whose ranks hold the blocks."""
+    dim: int
+    rank: int
+    size: int
+
+    def global_shape(self, local: torch.Size) -> tuple[int, ...]:
+        shape = list(local)
+        shape[self.dim] *= self.size
+        return tuple(shape)
+
+
+def shard_spec(param: torch.Tensor, mesh: ParallelMesh) -> ShardSpec | None:
+    """The sharding of a parameter on this mesh; None when it is replicated."""
+    if is_expert_param(param) and mesh.ep_size > 1:
+        return ShardSpec("ep", 0, mesh.ep_rank, mesh.ep_size)
+    if getattr(param, TP_SHARDED, False) and mesh.tp_size > 1:
+        dim = tp_shard_dim(param)
+        assert dim is not None, "a tp-sharded parameter records its shard dim"
+        return ShardSpec("tp", dim, mesh.tp_rank, mesh.tp_size)
+    return None
+
+
+def _check_expert_offsets(model: nn.Module, mesh: ParallelMesh) -> None:
+    """DCP places block r at offset r*L; the experts must really be laid out that way."""
+    for layer in moe_layers(model):
+        experts = layer.experts
+        expected = mesh.ep_rank * experts.num_experts if mesh.ep_size > 1 else 0
+        if getattr(experts, "expert_offset", 0) != expected:
+            raise CheckpointError(f"experts of an MoE layer start at global id {experts.expert_offset}, "
+                                  f"but ep rank {mesh.ep_rank} of {mesh.ep_size} should hold "
+                                  f"[{expected}, {expected + experts.num_experts}); apply_ep's slicing "
+                                  "and the checkpoint layout disagree")
+
+
+def _as_global(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) -> torch.Tensor:
+    """``local`` as a DCP-writable global tensor (DTensor for a shard, itself if replicated)."""
+    local = local.detach()
+    if spec is None:
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    submesh = mesh.submesh(spec.mesh_dim)
+    assert submesh is not None, f"sharded over {spec.mesh_dim} implies a {spec.mesh_dim} sub-mesh"
+    shape = spec.global_shape(local.shape)
+    stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))  # contiguous
+    return DTensor.from_local(local, submesh, [Shard(spec.dim)], run_check=False,
+                              shape=torch.Size(shape), stride=stride)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Building the state dict
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ShardedState:
+    """A nested state dict for DCP plus what the checkpoint must hold.
+
+    ``expected`` maps every flattened tensor key (``model.layers.0.moe.experts.w13``) to its
+    global shape; ``specs`` maps it to its sharding (None: replicated).
+    """
+
+    state: dict[str, Any]
+    expected: dict[str, tuple[int, ...]]
+    specs: dict[str, ShardSpec | None]
+
+
+def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: ParallelMesh,
+                optim_slots: dict[str, dict[str, tuple[int, ...]]] | None = None) -> ShardedState:
+    """The state of ``model`` (and ``optimizer``) as global tensors.
+
+    For a save, ``optim_slots`` is None and the optimizer's current state is taken. For a load,
+    ``optim_slots[fqn][slot]`` (from the checkpoint's metadata) lists the slots to read; they
+    are allocated here (zeros shaped like this rank's shard).
+    """
+    _check_expert_offsets(model, mesh)
+    model_state: dict[str, torch.Tensor] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    specs: dict[str, ShardSpec | None] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        spec = shard_spec(tensor, mesh) if isinstance(tensor, nn.Parameter) else None
+        model_state[name] = _as_global(tensor, spec, mesh)
+        key = f"{MODEL}.{name}"
+        expected[key] = spec.global_shape(tensor.shape) if spec else tuple(tensor.shape)
+        specs[key] = spec
+    state: dict[str, Any] = {MODEL: model_state}
+    if optimizer is None:
+        return ShardedState(state, expected, specs)
+
+    params = _named_params(model)
+    slots_state: dict[str, dict[str, torch.Tensor]] = {}
+    for fqn, param in params.items():
+        spec = shard_spec(param, mesh)
+        if optim_slots is None:
+            slots = {slot: value for slot, value in optimizer.state.get(param, {}).items()
+                     if isinstance(value, torch.Tensor)}
+        else:
+            slots = {slot: _allocate_slot(param, fqn, slot, shape, spec)
+                     for slot, shape in optim_slots.get(fqn, {}).items()}
+        if not slots:
+            continue
+        slots_state[fqn] = {}
+        for slot, value in slots.items():
+            key = f"{OPTIM}.state.{fqn}.{slot}"
+            follows_param = value.shape == param.shape and value.ndim > 0
+            slot_spec = spec if follows_param else None
+            slots_state[fqn][slot] = _as_global(value, slot_spec, mesh)
+            expected[key] = slot_spec.global_shape(value.shape) if slot_spec else tuple(value.shape)
+            specs[key] = slot_spec
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    state[OPTIM] = {"state": slots_state, "param_groups": groups}
+    return ShardedState(state, expected, specs)
+
+
+def _allocate_slot(param: nn.Parameter, fqn: str, slot: str, global_shape: tuple[int, ...],
+                   spec: ShardSpec | None) -> torch.Tensor:
+    param_global = spec.global_shape(param.shape) if spec else tuple(param.shape)
+    if global_shape == param_global and len(global_shape) > 0:
+        return torch.zeros_like(param, memory_format=torch.contiguous_format).detach()
+    if math.prod(global_shape) == 1 or len(global_shape) == 0:
+        return torch.zeros(global_shape, dtype=torch.float32)  # AdamW's step (always fp32 on CPU)
+    raise CheckpointError(f"optimizer slot {OPTIM}.state.{fqn}.{slot}: checkpoint shape {global_shape} "
+                          f"matches neither the parameter's global shape {param_global} nor a scalar")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+def _boxes_overlap(a_off, a_size, b_off, b_size) -> bool:
+    return all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a_off, a_size, b_off, b_size))
+
+
+def verify_coverage(metadata: Metadata, expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every expected tensor is in ``metadata`` with its global shape, and its chunks tile it
+    exactly once (in bounds, pairwise disjoint, volumes summing to the numel, bytes stored)."""
+    problems = []
+    for key, shape in expected.items():
+        entry = metadata.state_dict_metadata.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            problems.append(f"tensor {key} (shape {shape}) was not written")
+            continue
+        if tuple(entry.size) != shape:
+            problems.append(f"tensor {key}: written with global shape {tuple(entry.size)}, expected {shape}")
+            continue
+        chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
+        covered, overlapping = 0, False
+        for i, (offset, size) in enumerate(chunks):
+            if any(o < 0 or o + s > n for o, s, n in zip(offset, size, shape)):
+                problems.append(f"tensor {key}: chunk at offset {offset} size {size} lies outside {shape}")
+            if MetadataIndex(key, torch.Size(offset)) not in metadata.storage_data:
+                problems.append(f"tensor {key}: chunk at offset {offset} has no stored bytes")
+            covered += math.prod(size)
+            for other_offset, other_size in chunks[:i]:
+                if _boxes_overlap(offset, size, other_offset, other_size):
+                    overlapping = True
+                    problems.append(f"tensor {key}: chunks at offsets {other_offset} and {offset} overlap "
+                                    "(a slice was written twice)")
+        total = math.prod(shape)
+        if covered != total and not overlapping:
+            problems.append(f"tensor {key}: chunks cover {covered} of {total} elements (a shard is "
+                            f"missing); chunks {[c[0] for c in chunks]} of sizes {[c[1] for c in chunks]}")
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        raise CheckpointError(f"checkpoint {source} failed its exactly-once check ({len(problems)} "
+                              f"problem(s)); do not resume from it:\n  {listed}")
+
+
+def check_fits(metadata: Metadata, expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Before loading: name every model tensor that is missing, unexpected or of another shape."""
+    problems = []
+    for key, shape in expected.items():
+        entry = metadata.state_dict_metadata.get(key)
+        if entry is None:
+            problems.append(f"missing tensor {key} (model expects shape {shape})")
+        elif not isinstance(entry, TensorStorageMetadata):
+            problems.append(f"entry {key} is not a tensor in the checkpoint")
+        elif tuple(entry.size) != shape:
+            problems.append(f"tensor {key}: checkpoint shape {tuple(entry.size)} != model shape {shape}")
+    prefix = f"{MODEL}."
+    for key in sorted(k for k in metadata.state_dict_metadata if k.startswith(prefix) and k not in expected):
+        problems.append(f"unexpected tensor {key} in checkpoint")
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        raise CheckpointError(f"checkpoint {source} does not match the model ({len(problems)} problem(s)); "
+                              f"was it written with another config?\n  {listed}")
+
+
+def _optim_slots(metadata: Metadata, params: dict[str, nn.Parameter]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{fqn: {slot: global shape}}`` of the optimizer state stored in the checkpoint."""
+    prefix = f"{OPTIM}.state."
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    stored = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+    for key, entry in stored.items():
+        fqn, _, slot = key[len(prefix):].rpartition(".")
+        if fqn not in params:
+            raise CheckpointError(f"checkpoint holds optimizer state {key} for a parameter the model "
+                                  f"lacks ({fqn}); was it written with another config?")
+        if isinstance(entry, TensorStorageMetadata):
+            found.setdefault(fqn, {})[slot] = tuple(entry.size)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Save and load
+# --------------------------------------------------------------------------------------------
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it 'assumes the intent is to load in a single process'; it is ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def read_metadata(directory: Path) -> Metadata:
+    try:
+        return dcp.FileSystemReader(str(directory)).read_metadata()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {directory} has no DCP metadata (.metadata): it was not "
+                              "written by this version of moe_dist or is incomplete") from exc
+
+
+def save_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                             mesh: ParallelMesh) -> Metadata:
+    """Collective over every rank: write ``model`` and ``optimizer`` into ``directory`` as global
+    tensors, then verify (on every rank) that each tensor was written exactly once."""
+    return save_state(build_state(model, optimizer, mesh), directory)
+
+
+def save_state(sharded: ShardedState, directory: Path) -> Metadata:
+    """Collective: write ``sharded`` with DCP, read its metadata back and verify coverage.
+
+    DCP's planner already refuses a global plan whose chunks do not tile a tensor it was given
+    (the volume and overlap check of its ``_validate_global_plan``); :func:`verify_coverage`
+    also catches what the planner cannot see (a tensor no rank offered, a chunk without bytes)
+    and checks the file actually on disk.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet_single_process():
+            dcp.save(sharded.state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=_no_dist())
+    except CheckpointException as exc:
+        causes = "; ".join(f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+                           for rank, err in sorted(exc.failures.items()))
+        hint = (" -- it failed the exactly-once check: the ranks' shards do not tile a tensor"
+                if "invalid fill" in causes or "overlap" in causes.lower() else "")
+        raise CheckpointError(f"saving checkpoint {directory} failed{hint}. {causes}") from exc
+    metadata = read_metadata(directory)
+    verify_coverage(metadata, sharded.expected, str(directory))
+    return metadata
+
+
+def load_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                             mesh: ParallelMesh) -> None:
+    """Collective over every rank: read this rank's slices of a checkpoint written at any layout."""
+    metadata = read_metadata(directory)
+    check_fits(metadata, build_state(model, None, mesh).expected, str(directory))  # model first: clearer
+    params = _named_params(model)
+    slots = _optim_slots(metadata, params) if optimizer is not None else None
+    sharded = build_state(model, optimizer, mesh, optim_slots=slots)
+    check_fits(metadata, sharded.expected, str(directory))
+    if optimizer is not None and len(optimizer.param_groups) != _count_groups(metadata):
+        raise CheckpointError(f"checkpoint {directory} has {_count_groups(metadata)} optimizer param groups, "
+                              f"the optimizer {len(optimizer.param_groups)}; was it written with another config?")
+    with _quiet_single_process():
+        dcp.load(sharded.state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=_no_dist())
+
+    # load_state_dict (not an in-place copy) so modules' load hooks run.
+    model.load_state_dict({name: _local(t) for name, t in sharded.state[MODEL].items()})
+    if optimizer is None:
+        return
+    loaded = sharded.state[OPTIM]
+    optimizer.state.clear()
+    for fqn, slot_values in loaded["state"].items():
+        param = params[fqn]
+        optimizer.state[param] = {slot: _local(value) for slot, value in slot_values.items()}
+    for group, saved in zip(optimizer.param_groups, loaded["param_groups"]):
+        group.update(saved)
+
+
+def _count_groups(metadata: Metadata) -> int:
+    prefix = f"{OPTIM}.param_groups."
+    indices = {key[len(prefix):].split(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    return len(indices)
