@@ -1,0 +1,399 @@
+"""``moe-dist sweep``: many training runs from one sweep file, locally or as a Slurm job array.
+
+A sweep file (YAML)::
+
+    name: experts                   # default output directory runs/sweeps/<name>
+    base: ../tiny.yaml              # base config, relative to the sweep file (or absolute)
+    overrides: {train.steps: 60}    # applied to every run (optional)
+    runs:                           # a list of override dicts (optional) ...
+      - {moe.num_experts: 1, moe.router.top_k: 1}
+      - {name: wide, moe.num_experts: 8}   # 'name' sets the directory name explicitly
+    grid:                           # ... and/or a cartesian product over dotted keys
+      moe.router.type: [softmax_topk, sigmoid_topk]
+    world_size: 1                   # processes per run (local: torchrun when > 1); used to validate
+
+With both ``runs`` and ``grid`` every run entry is combined with every grid point. Each run
+trains into ``<out>/<run name>``, where the name is built from the run's own overrides
+(``num_experts=8,top_k=2``): stable across invocations, so a second ``moe-dist sweep`` finds the
+same directories, skips the runs that finished (a checkpoint at ``train.steps`` exists) and
+resumes the others from their newest checkpoint (``checkpoint.resume=auto``). Every run's config
+is loaded and validated before the first one starts.
+
+Locally the runs go one after another, each as its own ``moe-dist train`` process (a crash in
+one run does not stop the sweep; its log is ``<out>/logs/<name>.log``). ``--slurm`` writes one
+override line per run to ``<out>/slurm-overrides.txt`` and submits ``slurm/sweep-array.sbatch``
+as an array of the unfinished runs; ``<out>/.slurm-index/<i>`` links array task i to its run
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_dist.config import Config, ConfigError, load_config, validate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SWEEP_SBATCH = REPO_ROOT / "slurm" / "sweep-array.sbatch"
+DEFAULT_BASE = REPO_ROOT / "configs" / "tiny.yaml"
+_SPEC_KEYS = {"name", "base", "overrides", "grid", "runs", "world_size", "slurm"}
+_MAX_NAME = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its directory name and its own (swept) overrides."""
+
+    name: str
+    overrides: dict[str, Any]
+    """Dotted key -> value of this run, in sweep-file order (common overrides excluded)."""
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    name: str
+    base: Path
+    common: dict[str, Any]
+    runs: list[SweepRun]
+    world_size: int = 1
+    slurm_args: list[str] = field(default_factory=list)
+
+    def override_args(self, run: SweepRun) -> list[str]:
+        """``key=value`` arguments of ``run`` for ``moe-dist train`` (common first, run wins)."""
+        merged = {**self.common, **run.overrides}
+        return [f"{key}={render_value(value)}" for key, value in merged.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing: sweep file -> runs
+# --------------------------------------------------------------------------------------------
+
+def render_value(value: Any) -> str:
+    """A value as text that ``yaml.safe_load`` (the override parser) reads back unchanged."""
+    if isinstance(value, str):
+        return value if value.strip() == value and _yaml_reads_back(value) else json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _yaml_reads_back(text: str) -> bool:
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
+
+
+def flatten_overrides(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{moe: {num_experts: 4}}`` and ``{moe.num_experts: 4}`` both -> ``{moe.num_experts: 4}``.
+    A dict value is a section unless the key is a field holding a mapping (none exist today)."""
+    flat: dict[str, Any] = {}
+    for key, value in entry.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_overrides(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other key ends with."""
+    result = {}
+    for key in keys:
+        parts = key.split(".")
+        for length in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-length:])
+            if not any(other != key and (other == suffix or other.endswith("." + suffix)) for other in keys):
+                break
+        result[key] = suffix
+    return result
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(_value_text(v) for v in value)
+    return str(value)
+
+
+def run_name(overrides: dict[str, Any], short: dict[str, str]) -> str:
+    """Filesystem-safe, stable directory name from a run's overrides."""
+    if not overrides:
+        return "base"
+    text = ",".join(f"{short[key]}={_value_text(value)}" for key, value in overrides.items())
+    text = _UNSAFE.sub("_", text)
+    if len(text) > _MAX_NAME:
+        digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+        text = f"{text[:_MAX_NAME - 9]}-{digest}"
+    return text
+
+
+def expand_runs(runs: list[dict[str, Any]] | None, grid: dict[str, list] | None) -> list[SweepRun]:
+    """Every run entry crossed with every grid point, named from its overrides."""
+    entries = [dict(entry) for entry in (runs or [{}])]
+    grid = flatten_overrides(grid or {})
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep grid key {key!r} must map to a non-empty list of values, got {values!r}")
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
+    combos = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"sweep runs[{index}] must be a mapping of overrides, got {entry!r}")
+        explicit = entry.pop("name", None)
+        for point in points:
+            combos.append((explicit, {**flatten_overrides(entry), **point}))
+    swept = list(dict.fromkeys(key for _, overrides in combos for key in overrides))
+    short = short_keys(swept)
+    result, seen = [], {}
+    for explicit, overrides in combos:
+        grid_part = {key: overrides[key] for key in grid}
+        if explicit is not None:
+            name = _UNSAFE.sub("_", str(explicit))
+            name = f"{name},{run_name(grid_part, short)}" if grid_part else name
+        else:
+            name = run_name(overrides, short)
+        if name in seen:
+            raise ConfigError(f"sweep runs {seen[name]} and {overrides} would share the directory {name!r}; "
+                              "give one of them a distinct 'name'")
+        seen[name] = overrides
+        result.append(SweepRun(name, overrides))
+    return result
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse a sweep file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist; shipped sweeps: "
+                          f"{sorted(str(p) for p in (REPO_ROOT / 'configs' / 'sweeps').glob('*.yaml'))}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping (name, base, grid/runs)")
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown key(s) {unknown}; valid keys: {sorted(_SPEC_KEYS)}")
+    if "grid" not in spec and "runs" not in spec:
+        raise ConfigError(f"sweep file {path} needs a 'grid' (key: [values]) or a 'runs' list of overrides")
+    name = str(spec.get("name") or path.stem)
+    base = Path(spec["base"]) if spec.get("base") else None
+    if base is not None and not base.is_absolute():
+        base = (path.parent / base).resolve()
+    world_size = spec.get("world_size", 1)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"sweep file {path}: world_size ({world_size!r}) must be a positive integer")
+    slurm = spec.get("slurm") or {}
+    slurm_args = [str(a) for a in slurm.get("args", [])] if isinstance(slurm, dict) else []
+    return Sweep(name=_UNSAFE.sub("_", name), base=base or DEFAULT_BASE,
+                 common=flatten_overrides(spec.get("overrides") or {}),
+                 runs=expand_runs(spec.get("runs"), spec.get("grid")), world_size=world_size,
+                 slurm_args=slurm_args)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Status and validation
+# --------------------------------------------------------------------------------------------
+
+_CHECKPOINT = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the completed checkpoints in ``run_dir`` (oldest first).
+
+    The layout of ``moe_dist.train.checkpoint`` (``checkpoints/step_XXXXXXXX`` with a
+    ``manifest.json`` once complete), read without importing torch so that ``--dry-run`` and
+    the status check stay fast.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(match.group(1)) for child in root.iterdir()
+                  if (match := _CHECKPOINT.match(child.name)) and (child / "manifest.json").is_file())
+
+
+def run_status(run_dir: Path, cfg: Config) -> str:
+    """'finished' (checkpoint at train.steps), 'resume@N' (newest checkpoint N) or 'new'."""
+    steps = checkpoint_steps(run_dir)
+    if cfg.train.steps in steps or (steps and steps[-1] > cfg.train.steps):
+        return "finished"
+    return f"resume@{steps[-1]}" if steps else "new"
+
+
+def check_runs(sweep: Sweep, out: Path, for_slurm: bool = False) -> dict[str, Config]:
+    """Load and validate every run's config; one error listing every bad run (by name)."""
+    from moe_dist.train.run_dir import config_differences
+
+    configs, errors = {}, []
+    for run in sweep.runs:
+        args = sweep.override_args(run)
+        try:
+            cfg = load_config(sweep.base, args)
+            validate(cfg, sweep.world_size)
+        except ConfigError as exc:
+            errors.append(f"run {run.name!r}: {exc}")
+            continue
+        if for_slurm:
+            spaced = [arg for arg in args if any(ch.isspace() for ch in arg)]
+            if spaced:
+                errors.append(f"run {run.name!r}: override {spaced[0]!r} holds whitespace, which a Slurm "
+                              "override line cannot carry; use a value without spaces")
+        run_dir = out / run.name
+        old_config = run_dir / "config.yaml"
+        if old_config.is_file():
+            different = config_differences(yaml.safe_load(old_config.read_text()) or {}, cfg.to_dict())
+            if different:
+                errors.append(f"run {run.name!r}: {run_dir} holds a run with other values of {different[:4]}; "
+                              "delete that directory or pass --out NEW_DIR")
+            elif cfg.checkpoint.resume == "none" and checkpoint_steps(run_dir):
+                errors.append(f"run {run.name!r}: checkpoint.resume=none but {run_dir} has checkpoints; "
+                              "use checkpoint.resume=auto to resume it")
+        configs[run.name] = cfg
+    if errors:
+        raise ConfigError(f"sweep {sweep.name!r}: {len(errors)} of {len(sweep.runs)} run(s) are invalid, "
+                          "nothing was started:\n  " + "\n  ".join(errors))
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+def train_command(sweep: Sweep, run: SweepRun, run_dir: Path) -> list[str]:
+    """The ``moe-dist train`` command of one run (under torchrun when world_size > 1)."""
+    train = ["-m", "moe_dist.cli", "train", "--config", str(sweep.base), "--run-dir", str(run_dir),
+             *sweep.override_args(run)]
+    if sweep.world_size == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={sweep.world_size}", *train]
+
+
+def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool = False) -> int:
+    """Run the unfinished runs one after another; 0 when every run finished."""
+    logs = out / "logs"
+    failed = []
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for index, run in enumerate(sweep.runs):
+        run_dir = out / run.name
+        status = run_status(run_dir, configs[run.name])
+        command = train_command(sweep, run, run_dir)
+        prefix = f"[sweep {sweep.name} {index + 1}/{len(sweep.runs)}] {run.name}:"
+        if status == "finished":
+            print(f"{prefix} finished, skipped", flush=True)
+            continue
+        print(f"{prefix} {'start' if status == 'new' else status.replace('@', ' from step ')}"
+              f"{' (dry run)' if dry_run else ''}\n    {shlex.join(command)}", flush=True)
+        if dry_run:
+            continue
+        logs.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with open(logs / f"{run.name}.log", "a", encoding="utf-8") as log:
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+            log.flush()
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        seconds = time.monotonic() - start
+        if code == 0:
+            print(f"{prefix} done in {seconds:.1f} s", flush=True)
+        else:
+            failed.append(run.name)
+            print(f"{prefix} FAILED with exit code {code} after {seconds:.1f} s; see {logs / (run.name + '.log')}",
+                  flush=True)
+    if failed:
+        print(f"[sweep {sweep.name}] {len(failed)} run(s) failed: {', '.join(failed)}; run the sweep again to "
+              "resume them", flush=True)
+        return 1
+    return 0
+
+
+def submit_slurm(sweep: Sweep, out: Path, configs: dict[str, Config], extra_args: list[str],
+                 dry_run: bool = False) -> int:
+    """Write the override lines and submit the unfinished runs as one array job."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines_file = out / "slurm-overrides.txt"
+    index_dir = out / ".slurm-index"
+    index_dir.mkdir(exist_ok=True)
+    lines = [f"# sweep {sweep.name}: line i is array task i, run directory .slurm-index/i"]
+    pending = []
+    for index, run in enumerate(sweep.runs):
+        lines.append(" ".join(sweep.override_args(run)))
+        run_dir = out / run.name
+        run_dir.mkdir(exist_ok=True)  # an empty directory is a valid new run directory
+        link = index_dir / str(index)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / run.name)
+        status = run_status(run_dir, configs[run.name])
+        print(f"[sweep {sweep.name}] task {index}: {run.name}: {status}")
+        if status != "finished":
+            pending.append(index)
+    lines_file.write_text("\n".join(lines) + "\n")
+    if not pending:
+        print(f"[sweep {sweep.name}] every run has finished; nothing to submit")
+        return 0
+    (out / "logs").mkdir(exist_ok=True)
+    command = ["sbatch", "--parsable", f"--job-name=moe-sweep-{sweep.name}",
+               f"--array={','.join(map(str, pending))}", f"--output={out.resolve() / 'logs' / 'slurm-%A_%a.out'}",
+               *sweep.slurm_args, *extra_args, str(SWEEP_SBATCH), "--config", str(sweep.base)]
+    env = {**os.environ, "SWEEP_FILE": str(lines_file.resolve()), "RUN_DIR": str(index_dir.resolve()),
+           "MOE_DIST_ROOT": str(REPO_ROOT)}
+    shown = f"SWEEP_FILE={env['SWEEP_FILE']} RUN_DIR={env['RUN_DIR']} {shlex.join(command)}"
+    if dry_run:
+        print(f"[sweep {sweep.name}] would submit (dry run):\n    {shown}")
+        return 0
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        print(f"[sweep {sweep.name}] sbatch failed ({result.returncode}): {result.stderr.strip()}\n    {shown}",
+              file=sys.stderr)
+        return 1
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"[sweep {sweep.name}] submitted array job {job_id} ({len(pending)} task(s)): {shown}")
+    print(job_id)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="run a grid or list of training runs (locally or as a Slurm job array)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="sweep file, e.g. configs/sweeps/experts.yaml")
+    parser.add_argument("--out", default=None, help="directory of the run directories (default runs/sweeps/<name>)")
+    parser.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead of running locally")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="extra sbatch flag (repeatable), e.g. --sbatch-arg=--gpus-per-node=0")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print each run's status and command, and start nothing")
+    parser.set_defaults(handler=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.config)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
+    configs = check_runs(sweep, out, for_slurm=args.slurm)
+    print(f"[sweep {sweep.name}] {len(sweep.runs)} run(s) from {sweep.base} into {out}", flush=True)
+    if args.slurm:
+        return submit_slurm(sweep, out, configs, args.sbatch_arg, dry_run=args.dry_run)
+    return run_local(sweep, out, configs, dry_run=args.dry_run)
