@@ -125,6 +125,39 @@ def all_reduce(t: Tensor, op: str, group: ProcessGroup | None,
     return t
 
 
+class PendingReduce:
+    """Handle of :func:`all_reduce_async`: ``wait()`` blocks until the reduced values are in the
+    tensor (and divides them for 'avg' on gloo, which has no AVG)."""
+
+    def __init__(self, t: Tensor, work: Any = None, divisor: int = 1) -> None:
+        self.tensor, self._work, self._divisor = t, work, divisor
+
+    def wait(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._divisor != 1:
+                self.tensor.div_(self._divisor)
+                self._divisor = 1
+        return self.tensor
+
+
+def all_reduce_async(t: Tensor, op: str, group: ProcessGroup | None) -> PendingReduce:
+    """Start an in-place all-reduce of `t` and return at once; call ``.wait()`` before reading `t`.
+
+    Used by the gradient reducer to overlap bucket reductions with the rest of backward. Ranks
+    must start their async reductions over one group in the same order, as for any collective.
+    """
+    if op not in _OPS:
+        raise ValueError(f"all_reduce_async op {op!r} is not one of {sorted(_OPS)}")
+    if group is None:
+        return PendingReduce(t)
+    if op == "avg" and dist.get_backend(group) == "gloo":  # gloo has no AVG
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        return PendingReduce(t, work, dist.get_world_size(group))
+    return PendingReduce(t, dist.all_reduce(t, op=_OPS[op], group=group, async_op=True))
+
+
 def all_gather_into_tensor(out: Tensor, inp: Tensor, group: ProcessGroup | None,
                            record: CollectiveRecord | None = None) -> Tensor:
     """Concatenate every rank's `inp` along dim 0 into `out` ([W * T, ...]); returns `out`."""
