@@ -217,3 +217,26 @@ def test_bad_router_config_is_rejected():
     object.__setattr__(cfg, "type", "nope")
     with pytest.raises(ConfigError, match="expert_choice"):
         build_router(4, 4, cfg)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "top_p", "da_moe"])
+def test_loss_free_bias_moves_a_skewed_router_toward_balance(kind):
+    torch.manual_seed(0)
+    router = build_router(8, 4, RouterConfig(type=kind, top_k=2, top_p=0.3, bias_update_rate=1e-2, **NO_LOSSES))
+    with torch.no_grad():
+        router.weight.normal_(std=0.3)
+        router.weight[0] += 0.4  # expert 0 is favoured by most tokens
+    router.train()
+    x = torch.randn(128, 8) + 1.0
+
+    def max_violation():
+        counts = router(x).tokens_per_expert.float()
+        router.step_counts.zero_()
+        return ((counts.max() - counts.mean()) / counts.mean()).item()
+
+    before = max_violation()
+    for _ in range(60):
+        router(x)
+        balance.update_selection_bias_from_stats(router)
+    after = max_violation()
+    assert before > 0.5 and after < 0.5 * before, (before, after)
