@@ -726,7 +726,8 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
             "zero.stage (3) with an MoE model: ZeRO-3 partitions every parameter over the whole data-"
             "parallel world and gathers it before each use, but moe_dist's expert weights differ from ep "
             "rank to ep rank (DeepSpeed 0.19 partitions experts over their expert-data-parallel group "
-            "only for its own AutoEP layers); use zero.stage=2 (expert gradients and optimizer state are "
+            "only for its own AutoEP layers; with ep=1 the MoE layer's backward fails under ZeRO-3's parameter "
+            "partitioning); use zero.stage=2 (expert gradients and optimizer state are "
             "partitioned over the expert-data-parallel group, dense ones over all ranks), or zero.stage=3 "
             "with a dense model")
     if cfg.moe.enabled and par.ep > 1 and stage == 0:
