@@ -20,6 +20,9 @@ renormalisation plus the entropy regulariser ``-gamma * H(mean_t softmax(u_t))``
 :class:`~moe_dist.moe.layer.MoELayer`, so expert parallelism shards it like any MoE MLP; the
 attention experts stay replicated (they are tiny; ALGORITHMS.md section 1(f)).
 
+Expert-load stats: ids 0..H*E-1 count the value experts, H*E..2*H*E-1 the output experts; in a
+block with an MoE MLP one block-wide ``load_stats`` holds these followed by the MLP's experts.
+
 Shapes: B batch, S sequence, T = B*S tokens, D model dim, H heads, E experts per head, K top_k.
 """
 
@@ -138,6 +141,27 @@ class SwitchHeadAttention(nn.Module):
         return f"heads={self.n_heads}, head_dim={self.head_dim}, experts_per_head={self.num_experts}, top_k={self.top_k}"
 
 
+class StatsSlice(nn.Module):
+    """Counters of one module written into ``[offset, offset + n)`` of a block-wide
+    :class:`ExpertLoadStats`: the expert-load tracker takes one stats module per block, and a
+    SwitchHead block with an MoE MLP has two routed parts (attention experts first)."""
+
+    def __init__(self, target: ExpertLoadStats, offset: int, count_tokens: bool) -> None:
+        super().__init__()
+        self._target = [target]  # a plain list: the block owns (and moves) the target
+        self.offset = offset
+        self.count_tokens = count_tokens
+
+    @torch.no_grad()
+    def update(self, routed: torch.Tensor, kept: torch.Tensor, num_tokens: int) -> None:
+        target = self._target[0]
+        pad = (self.offset, target.num_experts - self.offset - routed.numel())
+        target.update(F.pad(routed.float(), pad), F.pad(kept.float(), pad), num_tokens if self.count_tokens else 0)
+
+    def reset(self) -> None:
+        """The tracker resets the block's target."""
+
+
 class SigmaMoELayer(MoELayer):
     """sigma-MoE MLP: sigmoid top-k gate, raw gate values, entropy regulariser (no Switch loss).
 
@@ -176,8 +200,14 @@ class SwitchHeadTransformer(ArchTransformer):
             raise ConfigError("model.switchhead.switch_all needs MoE MLPs: set moe.num_experts > 0 and "
                               "moe.every >= 1 (every=1 makes every MLP a sigma-MoE)")
         for block in self.layers:
-            block.attention = SwitchHeadAttention(model_cfg.dim, cfg, model_cfg.n_heads, self.moe_cfg.grouped_gemm)
+            block.attention = attention = SwitchHeadAttention(model_cfg.dim, cfg, model_cfg.n_heads,
+                                                              self.moe_cfg.grouped_gemm)
             if cfg.switch_all and block.is_moe:
                 block.mlp = SigmaMoELayer(model_cfg.dim, model_cfg.ffn_dim, self.moe_cfg, cfg.entropy_reg)
+            if block.is_moe:  # one stats module per block: [V experts | O experts | MLP experts]
+                width = attention.stats.num_experts
+                block.load_stats = ExpertLoadStats(width + block.mlp.num_experts)
+                attention.stats = StatsSlice(block.load_stats, 0, count_tokens=True)
+                block.mlp.stats = StatsSlice(block.load_stats, width, count_tokens=False)
         head_dim = self.layers[0].attention.head_dim
         self.rope_cos, self.rope_sin = rotary_tables(head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)

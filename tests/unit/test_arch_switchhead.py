@@ -85,8 +85,15 @@ def test_model_shapes_grads_losses_and_stats(switch_all):
     attn = model.layers[0].attention
     for p in (attn.sel_v, attn.sel_o, attn.w_v, attn.w_o, attn.wq.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
-    assert attn.stats.kept.sum() == 2 * 32 * 2 * 2  # 2 sides x tokens x heads x top_k
-    assert attn.stats.tokens == 32
+    # One block-wide stats module: 2 sides x 32 tokens x 2 heads x top-2, then the MLP's top-2.
+    stats = model.layers[0].load_stats
+    assert stats.kept[:12].sum() == 2 * 32 * 2 * 2 and stats.kept[12:].sum() == 32 * 2  # 2*H*E = 12
+    assert stats.tokens == 32
+    from moe_dist.metrics.expert_load import ExpertLoadTracker
+
+    report = ExpertLoadTracker.from_model(model).collect()
+    assert [layer.layer_id for layer in report.layers] == [0, 1]
+    assert report.layers[0].realized_k == 2 * 2 * 2 + 2
     assert model.rope_cos.shape == (16, 6)
     if switch_all:
         assert isinstance(model.layers[1].mlp, SigmaMoELayer)
