@@ -134,6 +134,7 @@ class DeepSpeedTrainer(Trainer):
                 (directory / "config.yaml").write_text(self.cfg.to_yaml())
 
         with self.throughput.paused():
+            self.metrics.flush()  # metrics.jsonl holds every step up to this checkpoint
             final = ckpt.save_checkpoint(self.run_dir, self.step, write, self.cfg.checkpoint.keep_last,
                                          is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
             if self.rt.is_logging_rank:
