@@ -146,7 +146,8 @@ def init_single_process_group(device: torch.device) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+                            **({"device_id": torch.device("cuda", torch.cuda.current_device())}
+                               if device.type == "cuda" else {}))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ paths; ``moe_dist_torch``: plain torch), times forward + backward of
   replaced by the identity, and
 * ``layer``: the whole MoELayer,
 
-and reports ``share = routing / layer``. On CUDA it also counts the device-to-host
+and reports ``share = routing / layer`` (event times: a routing pass run alone is bound by
+kernel launches on the host, which a real layer hides behind its GEMMs) and ``share_kernel``
+(summed device kernel time of each, from torch.profiler). On CUDA it also counts the device-to-host
 synchronisations of one dropless forward + backward of the layer (``torch.cuda`` sync debug
 mode, warnings counted; 0 is the target).
 """
@@ -37,10 +39,29 @@ def count_host_syncs(forward, device: torch.device) -> int | None:
             out.backward(torch.ones_like(out))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()
+             and "prototype feature" not in str(w.message)]  # the mode's own notice is no sync
     for w in syncs[:5]:
         log(f"[dispatch] host sync: {w.filename}:{w.lineno}: {w.message}")
     return len(syncs)
+
+
+def device_kernel_ms(forward, device: torch.device, iters: int = 3) -> float | None:
+    """Summed device time of the kernels of one forward + backward (launch gaps excluded):
+    what routing costs inside a layer whose GEMMs hide its launch overhead."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            out = forward()
+            grad = torch.ones_like(out) if grad is None else grad
+            out.backward(grad)
+        torch.cuda.synchronize(device)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1e3 / iters
 
 
 def run(shape: Shape, system: str, args, device, dtype) -> dict:
@@ -66,6 +87,8 @@ def run(shape: Shape, system: str, args, device, dtype) -> dict:
             routing_t = time_fwd_bwd(routing_forward, device, args.warmup, args.iters, zero_grad)
             layer_t = time_fwd_bwd(layer_forward, device, args.warmup, args.iters, zero_grad)
             syncs = count_host_syncs(layer_forward, device)
+            routing_kernel = device_kernel_ms(routing_forward, device)
+            layer_kernel = device_kernel_ms(layer_forward, device)
     except Exception as exc:
         log(f"[dispatch] {system} on {shape.name} failed: {exc!r}")
         return error_record(base, exc)
@@ -73,6 +96,8 @@ def run(shape: Shape, system: str, args, device, dtype) -> dict:
             "routing_fwd_ms": round(routing_t.fwd_ms, 3), "routing_bwd_ms": round(routing_t.bwd_ms, 3),
             "layer_fwd_ms": round(layer_t.fwd_ms, 3), "layer_bwd_ms": round(layer_t.bwd_ms, 3),
             "share": round(routing_t.total_ms / layer_t.total_ms, 4), "host_syncs": syncs,
+            "routing_kernel_ms": round(routing_kernel, 3) if routing_kernel is not None else None,
+            "share_kernel": round(routing_kernel / layer_kernel, 4) if routing_kernel and layer_kernel else None,
             "peak_mem_gib": round(layer_t.peak_mem_gib, 2)}
 
 

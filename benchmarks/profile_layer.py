@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         layer, forward = build_moe_dist(shape, x, device, dtype)
         grad = None
         for _ in range(3):
+            layer.zero_grad(set_to_none=True)
             out = forward()
             grad = torch.randn_like(out) if grad is None else grad
             out.backward(grad)
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
         with profile(activities=activities) as prof:
             for _ in range(3):
+                layer.zero_grad(set_to_none=True)  # as in training: no gradient accumulation
                 out = forward()
                 out.backward(grad)
             if device.type == "cuda":

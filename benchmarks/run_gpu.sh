@@ -2,8 +2,9 @@
 # One batched GPU run: install carried wheels, check correctness, run every benchmark, print a
 # summary table last. Run from the repository root on the GPU machine:
 #
-#   bash benchmarks/run_gpu.sh [stages...]     stages: tests layer dispatch profile train train_compile
-#                                              (default: tests layer dispatch profile train)
+#   bash benchmarks/run_gpu.sh [stages...]
+#     stages: tests layer dispatch train train_compile layer_compile profile train_reference
+#     (default: all but train_reference, in that order)
 #
 # Results go to $OUT (default /tmp/moe_dist_gpu): results.jsonl (one JSON line per result),
 # *.log, profile.txt, summary.md. Wheels in .whl/ (megatron-core, deepspeed and their small
@@ -12,7 +13,7 @@ set -u
 OUT=${OUT:-/tmp/moe_dist_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGES=${*:-tests layer dispatch profile train}
+STAGES=${*:-tests layer dispatch train train_compile layer_compile profile}
 START=$(date +%s)
 stamp() { echo "[run_gpu +$(( $(date +%s) - START ))s] $*"; }
 
@@ -38,16 +39,17 @@ for stage in $STAGES; do
   case $stage in
     tests)
       stamp "start tests"
-      timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -5
+      timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -5
       stamp "end tests" ;;
-    layer) run layer 240 python3 -m benchmarks.moe_layer ${LAYER_ARGS:-} ;;
+    layer) run layer 180 python3 -m benchmarks.moe_layer ;;
+    layer_compile) run layer_compile 150 python3 -m benchmarks.moe_layer --systems moe_dist_compiled ;;
     dispatch) run dispatch 90 python3 -m benchmarks.dispatch ;;
     profile)
       stamp "start profile"
-      timeout 90 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
+      timeout 60 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
       stamp "end profile" ;;
-    train) run train 150 python3 -m benchmarks.train_step ;;
-    train_compile) run train_compile 240 python3 -m benchmarks.train_step --compile ;;
+    train) run train 100 python3 -m benchmarks.train_step ;;
+    train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile ;;
     train_reference) run train_reference 120 python3 -m benchmarks.train_step --reference --models moe ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -8,7 +8,7 @@ import json
 COLUMNS = {
     "moe_layer": ["shape", "system", "status", "fwd_ms", "bwd_ms", "total_ms", "tflops", "peak_mem_gib"],
     "dispatch": ["shape", "system", "status", "routing_fwd_ms", "routing_bwd_ms", "layer_fwd_ms", "layer_bwd_ms",
-                 "share", "host_syncs"],
+                 "share", "routing_kernel_ms", "share_kernel", "host_syncs"],
     "train_step": ["model", "system", "optimizer", "status", "params_m", "active_params_m", "step_ms",
                    "tokens_per_s", "tflops", "mfu", "mfu_measured_peak", "peak_mem_gib"],
     "dispatch_bw": ["system", "world", "tokens", "hidden", "ms", "busbw_gbs", "fraction_of_bare"],

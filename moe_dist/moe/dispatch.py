@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_dist.moe.experts import to_autocast_dtype
 from moe_dist.moe.kernels import permute as permute_kernels
 
 
@@ -121,6 +122,8 @@ class LocalDispatcher:
         self.num_experts = num_experts
 
     def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, valid_TK: torch.Tensor | None):
+        # Under CUDA autocast, permute the rows already in the autocast dtype (half the bytes).
+        x_TD = to_autocast_dtype(x_TD)
         x_sorted, tokens_per_expert, state = permute(x_TD, indices_TK, self.num_experts, valid_TK)
         return x_sorted, tokens_per_expert, LocalHandle(state)
 

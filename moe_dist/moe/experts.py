@@ -71,6 +71,20 @@ def _use_fast_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """On CUDA under autocast, the activation in the autocast dtype.
+
+    ``torch._grouped_mm`` and the Triton kernels are not autocast ops: an fp32 residual stream
+    would otherwise send fp32 rows to the experts (and fp32 takes the per-expert loop, with a
+    host sync). CPU tensors are returned unchanged.
+    """
+    if x.is_cuda and x.is_floating_point() and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x
+
+
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether torch._grouped_mm accepts these operands (16-byte aligned rows, float dtypes)."""
     if not _HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -138,6 +152,7 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2, std=out_std if out_std is not None else std)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        x_ND = to_autocast_dtype(x_ND)
         h = grouped_matmul(x_ND, self.w13, tokens_per_expert, self.backend)
         if _use_fast_kernels(h):
             act = expert_ops.swiglu(h)  # one fused pass forward and backward

@@ -98,3 +98,24 @@ def test_dropless_layer_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(x.grad).all()
+
+
+def test_autocast_fp32_residual_takes_the_grouped_bf16_path():
+    """An fp32 residual stream under autocast must reach the experts in bf16 (grouped_mm, no
+    per-expert loop and so no host sync), with fp32 master weights."""
+    torch.manual_seed(2)
+    cfg = MoEConfig(num_experts=8, expert_ffn_dim=256, router=RouterConfig(top_k=2))
+    layer = MoELayer(256, 256, cfg).to(DEVICE)  # fp32 parameters
+    x = torch.randn(2, 256, 256, device=DEVICE, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = layer(x)  # warm-up
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, _ = layer(x)
+            out.float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.dtype == torch.bfloat16
+    assert layer.experts.w13.grad.dtype == torch.float32 and torch.isfinite(layer.experts.w13.grad).all()
