@@ -196,23 +196,26 @@ class Trainer:
         preempted = False
         with build_progress(cfg.log, cfg.train.steps, self.step, self.rt.is_logging_rank) as progress:
             while self.step < cfg.train.steps:
-                self.train_step(means)
-                self.throughput.step(tokens_per_step)
-                progress.update()
-                done = self.step == cfg.train.steps
-                record = {}
-                if self.step % cfg.log.every == 0 or done:
-                    last_loss, record = self._log_window(means, progress)
-                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or done):
-                    with self.throughput.paused():
-                        last_val = self.evaluate()
-                    record["val/loss"] = last_val
-                    progress.set_metrics(val_loss=last_val)
-                if record:
-                    self.metrics.scalars(self.step, record)
-                stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
-                if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save()
+                # Every collective of a step (forward, backward, logging, eval, checkpoint) is bounded
+                # by the watchdog: a dead or hung rank ends the run with the last split sizes.
+                with self.rt.guard(f"training step {self.step + 1}"):
+                    self.train_step(means)
+                    self.throughput.step(tokens_per_step)
+                    progress.update()
+                    done = self.step == cfg.train.steps
+                    record = {}
+                    if self.step % cfg.log.every == 0 or done:
+                        last_loss, record = self._log_window(means, progress)
+                    if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or done):
+                        with self.throughput.paused():
+                            last_val = self.evaluate()
+                        record["val/loss"] = last_val
+                        progress.set_metrics(val_loss=last_val)
+                    if record:
+                        self.metrics.scalars(self.step, record)
+                    stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
+                    if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                        self.save()
                 if stop and not done:
                     preempted = True
                     break
