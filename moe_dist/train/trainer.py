@@ -25,6 +25,7 @@ from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, b
                               build_sinks)
 from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
 from moe_dist.models.transformer import build_model
+from moe_dist.moe import adaptive, routing_state
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.optim import build_optimizer, build_scheduler
 from moe_dist.train.runtime import Runtime
@@ -156,6 +157,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.plan.after_optimizer_step(self.model)
+        adaptive.reset_pending_optimizer_state(self.model, self.optimizer)  # DynMoE slots changed this step
         self.step += 1
 
     @torch.no_grad()
@@ -240,6 +242,8 @@ class Trainer:
         if len(self.load_tracker):
             report = self.load_tracker.collect()
             self.load_tracker.write(report, self.metrics, self.step)
+        # Router state (active experts, thresholds, capacity controller); collective on every rank.
+        routing_state.write_routing_metrics(self.model, self.metrics, self.step, self.plan.sum_over_token_ranks)
         progress.set_metrics(loss=window.get("train/loss"), tokens_per_s=rate.tokens_per_s)
         return window.get("train/loss"), record
 
