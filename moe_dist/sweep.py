@@ -310,7 +310,11 @@ def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool
         with open(logs / f"{run.name}.log", "a", encoding="utf-8") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
             log.flush()
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            try:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            except KeyboardInterrupt:  # the training process got the same Ctrl-C
+                print(f"{prefix} interrupted; run the same command again to resume", flush=True)
+                return 130
         seconds = time.monotonic() - start
         if code == 0:
             print(f"{prefix} done in {seconds:.1f} s", flush=True)
