@@ -64,9 +64,10 @@ def run_one(name: str, out: Path, steps: int, extra: list[str]) -> dict:
               "tokens_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
               "flops_per_token": flops.total, "params": params, "peak_bytes": peak, "steps": steps,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    if name == "stratified":
-        result["note"] = "flops at 1 pass/token; see mean_passes"
-        result["mean_passes"] = _stratified_passes(run_dir)
+    if name == "stratified":  # the model's count assumes 1 pass per token: scale the MoE part
+        passes = _stratified_passes(run_dir) or 1.0
+        result["mean_passes"] = passes
+        result["flops_per_token"] = flops.total + (passes - 1) * (flops.experts + flops.router)
     return result
 
 
@@ -169,6 +170,8 @@ def main() -> None:
     (args.out / "study.json").write_text(json.dumps(results, indent=1))
     (args.out / "study.md").write_text(table(results) + "\n")
     print(table(results))
+    if not results:
+        raise SystemExit("every run failed")
     try:
         plot(results, args.out)
     except ImportError as exc:
