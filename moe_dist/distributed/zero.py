@@ -2,7 +2,7 @@
 the bridge that puts moe_dist's own expert process groups into DeepSpeed's group registry.
 
 This is the only module of moe_dist that imports ``deepspeed`` (STYLE §2.7). The training loop
-that drives the engine is :mod:`moe_dist.distributed.zero_trainer`; users select it with
+that drives the engine is :mod:`moe_dist.train.zero_trainer`; users select it with
 ``train.engine=deepspeed`` and ``zero.stage=0|1|2`` (see docs/deepspeed.md).
 
 How expert parallelism meets DeepSpeed (DeepSpeed's MoE conventions, moe_dist's groups)
@@ -43,12 +43,9 @@ from moe_dist.distributed.expert_parallel import is_expert_param
 from moe_dist.train.optim import param_groups as weight_decay_groups
 
 if TYPE_CHECKING:
-    from pathlib import Path as _Path
-
     from torch.distributed import ProcessGroup
 
     from moe_dist.distributed.mesh import ParallelMesh
-    from moe_dist.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -290,14 +287,3 @@ def build_engine(model: nn.Module, cfg: Config, mesh: ParallelMesh, *, bf16: boo
         raise RuntimeError("DeepSpeed did not register the expert parameters as MoE parameters; "
                            "check the deepspeed version (moe_dist was written against 0.19.8)")
     return engine
-
-
-# --------------------------------------------------------------------------------------------
-# 4. Entry point (moe_dist.train.entry)
-# --------------------------------------------------------------------------------------------
-
-def run_deepspeed_training(cfg: Config, runtime: Runtime, run_dir: _Path, overwrite: bool) -> int:
-    """``moe-dist train`` with ``train.engine=deepspeed``: returns the process exit code."""
-    from moe_dist.distributed.zero_trainer import run
-
-    return run(cfg, runtime, run_dir, overwrite)

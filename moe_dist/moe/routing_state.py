@@ -19,6 +19,8 @@ the per-rank experts-per-token counters for the whole model) and resets the coun
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable
 
 import numpy as np
@@ -38,9 +40,15 @@ def update_after_step(model: nn.Module, reduce_fn: ReduceFn | None = None) -> No
 
 
 def _numbered_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    if hasattr(model, "moe_layers"):
-        return list(model.moe_layers())
-    return [(i, m) for i, m in enumerate(m for m in model.modules() if hasattr(m, "capacity_state"))]
+    """(block index, layer) for every MoE layer; the index is the first number in the module
+    path (``layers.3.mlp`` -> 3), as the expert-load tracker numbers layers. Works for a model
+    wrapped by an engine too."""
+    found = []
+    for position, (name, module) in enumerate(
+            (n, m) for n, m in model.named_modules() if hasattr(m, "capacity_state")):
+        match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+        found.append((int(match.group(1)) if match else position, module))
+    return found
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ def run_training(cfg: Config, config_path: str | None = None, run_dir: str | Pat
                 print(runtime.mesh.describe(cfg.moe.num_experts if cfg.moe.enabled else None))
             return 0
         if cfg.train.engine == "deepspeed":
-            from moe_dist.distributed.zero import run_deepspeed_training
+            from moe_dist.train.zero_trainer import run as run_deepspeed
 
-            return run_deepspeed_training(cfg, runtime, Path(run_dir or default_run_dir(config_path)), overwrite)
+            return run_deepspeed(cfg, runtime, Path(run_dir or default_run_dir(config_path)), overwrite)
         from moe_dist.train.trainer import PREEMPTED_EXIT_CODE, Trainer
 
         directory = Path(run_dir) if run_dir else default_run_dir(config_path)

@@ -83,7 +83,7 @@ class Trainer:
 
     def _configure_parallelism(self) -> None:
         """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model`` (the DeepSpeed
-        trainer in ``moe_dist.distributed.zero_trainer`` overrides this)."""
+        trainer in ``moe_dist.train.zero_trainer`` overrides this)."""
         self.plan = self.rt.parallelize(self.model, self.cfg)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)

@@ -41,7 +41,7 @@ def resume_round_trip(rank: int, world_size: int, run_dir: str, cache_dir: str) 
     from moe_dist.config import load_config
     from moe_dist.distributed.launch_env import LaunchEnv
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.distributed.zero_trainer import run
+    from moe_dist.train.zero_trainer import run
     from moe_dist.train.runtime import Runtime
 
     skip_shm_build()
