@@ -6,9 +6,10 @@ into place, so a kill at any moment leaves the previous checkpoint intact. Old c
 are pruned after a verified save. A load checks the manifest before trusting any byte and
 reports mismatched tensors by name and shape.
 
-The files: ``model.pt`` and ``optimizer.pt`` (per-rank payloads are written by the caller's
-``write_payload`` callback, so sharded layouts can plug in), ``trainer.pt`` (step, scheduler,
-data position, RNG states) and ``config.yaml``.
+The files: the model and optimizer state in torch.distributed.checkpoint format (written by
+the plan through the ``write_payload`` callback; one format for every parallel layout, see
+``moe_dist.distributed.checkpoint``), ``trainer.pt`` (step, scheduler, data position, RNG
+states) and ``config.yaml``. The DeepSpeed engine writes its own files into the same frame.
 """
 
 from __future__ import annotations
