@@ -84,7 +84,14 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before, between or after flags (`a=1 --dry-run b=2`): argparse leaves the
+    # ones after a flag unparsed, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [item for item in extra if item.startswith("-") or "=" not in item]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2

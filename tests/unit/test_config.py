@@ -82,3 +82,13 @@ def test_print_config_round_trips(capsys):
 
     again = config_from_dict(yaml.safe_load(text))
     assert again.moe.num_experts == 4 and again == load_config(None, ["moe.num_experts=4", "moe.router.top_k=1"])
+
+
+def test_overrides_may_follow_flags(capsys):
+    from moe_dist.cli import main
+
+    assert main(["train", "moe.num_experts=4", "--print-config", "moe.router.top_k=1"]) == 0
+    import yaml
+
+    printed = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert printed.moe.num_experts == 4 and printed.moe.router.top_k == 1
