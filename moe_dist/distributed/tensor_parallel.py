@@ -36,8 +36,8 @@ Gradient ownership (what data_parallel.py must do after backward):
 * ``param._tp_partial_grad = True``: replicated over tp but each tp rank saw only its own
   tokens, so the gradient is this rank's part: **sum it over the tp group** (then average over
   dp as usual). Marked: every RMSNorm weight with sequence parallelism; the router and shared
-  experts of every MoE layer in both modes. :func:`all_reduce_tp_partial_grads` is the plain
-  reference implementation.
+  experts of every MoE layer in both modes.
+  ``data_parallel.GradReducer`` does that sum.
 * Expert parameters (``GroupedExperts``) get neither mark: tp ranks route disjoint tokens, and the
   sum over edp divided by dp that data_parallel.py already applies covers them (edp spans tp).
 
@@ -400,19 +400,3 @@ def _mark_partial_grads(model: Transformer, sequence_parallel: bool) -> None:
             continue
         if sequence_parallel or id(param) in moe_params:
             setattr(param, TP_PARTIAL_GRAD, True)
-
-
-@torch.no_grad()
-def all_reduce_tp_partial_grads(model: nn.Module, tp_group: ProcessGroup | None) -> None:
-    """Sum the gradients of ``_tp_partial_grad`` parameters over the tp group (one flat
-    all-reduce; a missing grad counts as zeros so every rank issues the same collective)."""
-    params = [p for p in model.parameters() if is_tp_partial_grad(p)]
-    if tp_group is None or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = comms.all_reduce(torch.cat([g.reshape(-1) for g in grads]), "sum", tp_group)
-    offset = 0
-    for param in params:
-        n = param.numel()
-        param.grad = flat[offset:offset + n].view_as(param).clone()
-        offset += n

@@ -2,7 +2,7 @@
 
 Every rank builds the reference model and the TP model from the same seed, trains both for a
 few AdamW steps on the same batches, and compares the loss, every gradient (TP shards gathered
-over the tp group, partial grads summed with ``all_reduce_tp_partial_grads``) and the weights.
+over the tp group, partial grads summed over tp by the gradient reducer) and the weights.
 The MoE model has balancing, sequence-balancing and z losses switched on and a shared expert,
 so router-loss sharing and every partial-gradient mark are exercised.
 megatron-core's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding serve as an
@@ -23,7 +23,6 @@ from torch.testing import assert_close
 from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig, RouterConfig
 from moe_dist.distributed.mesh import MeshLayout, ParallelMesh, build_mesh
 from moe_dist.distributed.tensor_parallel import (
-    all_reduce_tp_partial_grads,
     apply_tp,
     is_tp_partial_grad,
     tp_shard_dim,
@@ -109,8 +108,7 @@ def _train_and_compare(mesh: ParallelMesh, moe: bool, sequence_parallel: bool,
         loss_ref.backward()
         loss_tp = _loss(tp, step, vocab_parallel_group=None if gather_logits else mesh.tp_group)
         loss_tp.backward()
-        reducer.finish()
-        all_reduce_tp_partial_grads(tp, mesh.tp_group)
+        reducer.finish()  # also sums the tp-partial grads (norms, routers) over the tp group
         assert_close(loss_tp, loss_ref, **TOL, msg=lambda m, s=step: f"{what} step {s} loss: {m}")
         _compare(ref, tp, mesh, f"{what} step {step} grad", grads=True)
         opt_ref.step()
@@ -181,7 +179,6 @@ def _tp2_ep2_body(rank: int, world_size: int) -> dict[str, list[float]]:
             loss = _loss(model, step, shard=mesh.dp_rank)
             loss.backward()
             reducer.finish()
-            all_reduce_tp_partial_grads(model, mesh.tp_group)
             global_loss = loss.detach().clone()
             dist.all_reduce(global_loss, group=mesh.dp_group)
             assert_close(global_loss / mesh.dp_size, loss_ref, **TOL)
