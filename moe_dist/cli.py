@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from moe_dist.config import DEFAULT_CONFIG, ConfigError, load_config
 
