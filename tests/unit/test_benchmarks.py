@@ -22,7 +22,22 @@ def _lines(capsys) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def test_moe_layer_tiny(capsys):
+@pytest.fixture
+def no_deepspeed_shm_build():
+    """DeepSpeed JIT-compiles a shared-memory comm op on its first CPU init (~40 s); the
+    benchmark's single-process DeepSpeed layer never uses it."""
+    import importlib
+    import sys
+
+    importlib.import_module("deepspeed.comm.torch")
+    module = sys.modules["deepspeed.comm.torch"]  # not `import ... as`: that binds torch itself
+    original = module.build_shm_op
+    module.build_shm_op = lambda: None
+    yield
+    module.build_shm_op = original
+
+
+def test_moe_layer_tiny(capsys, no_deepspeed_shm_build):
     results = moe_layer.main(["--tiny", "--systems", "dense_gemm", "moe_dist", "moe_dist_torch", "deepspeed",
                               "--iters", "1", "--warmup", "1"])
     assert _lines(capsys) == results
