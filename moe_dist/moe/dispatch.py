@@ -103,9 +103,7 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState)
             y_ND, weights_TK, state.sort_order_N, inverse_TK, state.valid_N, valid_TK, True)
     if state.valid_N is not None:
         y_ND = torch.where(state.valid_N.unsqueeze(-1), y_ND, 0.0)
-    inverse_N = torch.empty_like(state.sort_order_N)
-    inverse_N[state.sort_order_N] = torch.arange(state.sort_order_N.numel(), device=y_ND.device)
-    y_TKD = y_ND.index_select(0, inverse_N).view(state.num_tokens, state.top_k, y_ND.shape[-1])
+    y_TKD = y_ND.index_select(0, _inverse(state.sort_order_N)).view(state.num_tokens, state.top_k, y_ND.shape[-1])
     out_TD = torch.einsum("tkd,tk->td", y_TKD.float(), weights_TK.float())
     return out_TD.to(y_ND.dtype)
 
@@ -113,6 +111,7 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState)
 @dataclass
 class LocalHandle:
     permute_state: PermuteState
+    padding_rows: int = 0  # invalid rows cut off before the experts (CPU only)
 
 
 class LocalDispatcher:
@@ -125,7 +124,16 @@ class LocalDispatcher:
         # Under CUDA autocast, permute the rows already in the autocast dtype (half the bytes).
         x_TD = to_autocast_dtype(x_TD)
         x_sorted, tokens_per_expert, state = permute(x_TD, indices_TK, self.num_experts, valid_TK)
-        return x_sorted, tokens_per_expert, LocalHandle(state)
+        padding = 0
+        if valid_TK is not None and not x_sorted.is_cuda:
+            # Variable-k routing and drops leave padding rows at the end. On the CPU a host read is
+            # free, so cut them off and the experts compute only the rows that were routed; on
+            # the GPU the shapes stay fixed instead (no sync).
+            padding = x_sorted.shape[0] - int(tokens_per_expert.sum())
+            x_sorted = x_sorted[:x_sorted.shape[0] - padding]
+        return x_sorted, tokens_per_expert, LocalHandle(state, padding)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        if handle.padding_rows:
+            y_ND = torch.cat([y_ND, y_ND.new_zeros(handle.padding_rows, y_ND.shape[-1])])
         return unpermute(y_ND, weights_TK, handle.permute_state)
