@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from moe_dist.config import Config, ConfigError, config_from_dict
+from moe_dist.train.run_dir import flatten_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +111,6 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
 def _natural_key(path: Path) -> list:
     """``num_experts=4`` before ``num_experts=16``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _mean(values: list[float]) -> float | None:
@@ -219,7 +210,7 @@ def load_run(path: Path, count: bool = True) -> RunSummary:
     if not records:
         raise ConfigError(f"run {path}: metrics.jsonl holds no records yet")
     stats = summarize_metrics(records)
-    summary = RunSummary(name=path.name, path=path, config=_flatten(cfg.to_dict()), flops_per_token=None,
+    summary = RunSummary(name=path.name, path=path, config=flatten_config(cfg.to_dict()), flops_per_token=None,
                          tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
                          warmup_steps=cfg.train.warmup_steps, **stats)
     if count:

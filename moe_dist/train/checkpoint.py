@@ -61,6 +61,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """The verified checkpoint ``checkpoint.resume`` names: None for 'none' or an empty 'auto'."""
+    if resume == "none":
+        return None
+    directory = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    if directory is not None:
+        verify_checkpoint(directory)
+    return directory
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

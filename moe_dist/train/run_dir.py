@@ -23,11 +23,12 @@ def default_run_dir(config_path: str | None) -> Path:
     return Path("runs") / stem
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config dict -> {"section.key": value}."""
     flat: dict[str, object] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -35,7 +36,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring keys a resume may change."""
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    old_flat, new_flat = flatten_config(old), flatten_config(new)
     keys = sorted(old_flat.keys() | new_flat.keys())
     return [key for key in keys
             if old_flat.get(key) != new_flat.get(key) and not key.startswith(RESUMABLE_KEYS)]
@@ -51,7 +52,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, overwrite: bool, is_writer: bool
         old = yaml.safe_load(config_file.read_text()) or {}
         differences = config_differences(old, cfg.to_dict())
         if differences:
-            shown = ", ".join(f"{k} ({_flatten(old).get(k)!r} -> {_flatten(cfg.to_dict()).get(k)!r})"
+            shown = ", ".join(f"{k} ({flatten_config(old).get(k)!r} -> {flatten_config(cfg.to_dict()).get(k)!r})"
                               for k in differences[:6])
             raise ConfigError(f"run directory {run_dir} holds a different run: {shown}; pass "
                               "--run-dir NEW_DIR for a new run, or --overwrite to replace it")

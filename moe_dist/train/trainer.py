@@ -107,13 +107,9 @@ class Trainer:
                                         is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
 
     def maybe_resume(self) -> None:
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return
-        directory = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        directory = ckpt.resolve_resume(self.run_dir, self.cfg.checkpoint.resume)
         if directory is None:
             return
-        ckpt.verify_checkpoint(directory)
         self.plan.load_model_and_optimizer(directory, self.model, self.optimizer)
         state = ckpt.load_file(directory, "trainer.pt")
         self.scheduler.load_state_dict(state["scheduler"])

@@ -143,13 +143,9 @@ class DeepSpeedTrainer(Trainer):
         return final
 
     def maybe_resume(self) -> None:
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return
-        directory = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        directory = ckpt.resolve_resume(self.run_dir, self.cfg.checkpoint.resume)
         if directory is None:
             return
-        ckpt.verify_checkpoint(directory)
         path, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None or client is None or CLIENT_KEY not in client:
