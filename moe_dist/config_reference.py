@@ -1,6 +1,6 @@
 """Generate docs/configuration.md from the config dataclasses, so the reference cannot drift.
 
-The text of each key is the docstring written under its field in ``moe_dist/config.py``.
+The text of each key is the docstring written under its field in the ``moe_dist/config/`` package.
 Regenerate with ``python -m moe_dist.config_reference > docs/configuration.md``; a test fails
 when the committed file differs from what this prints.
 """
@@ -14,12 +14,11 @@ import sys
 import textwrap
 import typing
 
-from moe_dist import config as config_module
 from moe_dist.config import Config
 
 HEADER = """# Configuration reference
 
-Generated from `moe_dist/config.py` by `python -m moe_dist.config_reference`; do not edit by hand.
+Generated from the dataclasses in `moe_dist/config/` by `python -m moe_dist.config_reference`; do not edit by hand.
 
 A config is YAML with one mapping per section (see `configs/`). Any key can be overridden on the
 command line as `section.key=value` (nested: `moe.router.top_k=1`); precedence is command line >
@@ -53,7 +52,7 @@ def _default(field: dataclasses.Field) -> str:
 
 
 def section_rows(cls: type, prefix: str) -> tuple[list[str], list[tuple[str, type]]]:
-    hints = typing.get_type_hints(cls, vars(config_module))
+    hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     rows, subsections = [], []
     for field in dataclasses.fields(cls):

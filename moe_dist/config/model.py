@@ -1,0 +1,166 @@
+"""The ``model`` section and the sections of the seed architectures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moe_dist.config.errors import divisors, require, round_up
+
+
+@dataclass(kw_only=True)
+class SwitchHeadConfig:
+    """SwitchHead attention (model.arch=switchhead): value/output projections are per-head
+    mixtures of experts picked by a sigmoid gate (ALGORITHMS.md section 1)."""
+
+    n_heads: int = 2
+    """Attention matrices H (SwitchHead uses few). 0 means model.n_heads."""
+    head_dim: int = 0
+    """Width d_h of one head. 0 means model.dim // n_heads."""
+    num_experts: int = 4
+    """Value and output experts per head (E)."""
+    top_k: int = 2
+    """Experts selected per head and token, on each side (k)."""
+    switch_all: bool = False
+    """SwitchAll: every MLP is also a sigma-MoE (sigmoid gate, no renormalisation, entropy
+    regulariser) built from the moe section (num_experts, expert_ffn_dim, router.top_k)."""
+    entropy_reg: float = 0.001
+    """Weight gamma of the sigma-MoE entropy regulariser (SwitchAll only). 0 disables it."""
+
+    def __post_init__(self) -> None:
+        require(self.n_heads >= 0 and self.head_dim >= 0,
+                 f"model.switchhead.n_heads ({self.n_heads}) and head_dim ({self.head_dim}) must be >= 0 "
+                 "(0 = derive from model)")
+        require(self.num_experts >= 1, f"model.switchhead.num_experts ({self.num_experts}) must be >= 1")
+        require(1 <= self.top_k <= self.num_experts,
+                 f"model.switchhead.top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}]")
+        require(self.head_dim % 2 == 0, f"model.switchhead.head_dim ({self.head_dim}) must be even (rotary)")
+        require(self.entropy_reg >= 0, f"model.switchhead.entropy_reg ({self.entropy_reg}) must be >= 0")
+
+
+@dataclass(kw_only=True)
+class PEERConfig:
+    """PEER (model.arch=peer): a pool of single-neuron experts retrieved by product keys
+    (ALGORITHMS.md section 3). PEER layers replace the MLPs of the blocks moe.every selects."""
+
+    num_experts: int = 1024 * 1024
+    """Pool size N; must be a perfect square n*n (two sub-key tables of n keys)."""
+    heads: int = 8
+    """Retrieval heads h (each retrieves top_k experts; outputs are summed)."""
+    top_k: int = 16
+    """Experts per head k; at most sqrt(num_experts)."""
+    query_dim: int = 128
+    """Query width d_k (split into two halves of d_k/2); must be even. 0 means model.dim."""
+    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+    """Normalisation of the query: BatchNorm over the batch (paper; per-rank statistics under
+    data parallelism), LayerNorm per token, or none."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """Activation phi of the single-neuron experts."""
+
+    def __post_init__(self) -> None:
+        side = math.isqrt(max(self.num_experts, 0))
+        require(self.num_experts > 0 and side * side == self.num_experts,
+                 f"model.peer.num_experts ({self.num_experts}) must be a perfect square n*n; "
+                 f"use {side * side} or {(side + 1) ** 2}")
+        require(self.heads >= 1, f"model.peer.heads ({self.heads}) must be >= 1")
+        require(1 <= self.top_k <= side,
+                 f"model.peer.top_k ({self.top_k}) must be in [1, sqrt(num_experts)={side}]; lower top_k "
+                 "or raise num_experts")
+        require(self.query_dim >= 0 and self.query_dim % 2 == 0,
+                 f"model.peer.query_dim ({self.query_dim}) must be even and >= 0 (0 = model.dim)")
+
+
+@dataclass(kw_only=True)
+class MHMoEConfig:
+    """Multi-head MoE (model.arch=mh_moe): tokens split into sub-tokens that are routed
+    separately, then merged (ALGORITHMS.md section 4)."""
+
+    heads: int = 2
+    """Sub-tokens per token h; model.dim must be divisible by it."""
+    match_moe: bool = True
+    """Choose the sub-token experts' count and hidden size so that parameters and FLOPs match
+    the plain MoE of the moe section (ALGORITHMS.md section 4(c)); false uses moe.num_experts
+    and moe.expert_ffn_dim on the sub-tokens as given."""
+    num_experts: int = 0
+    """Sub-token experts E'. 0 derives it (match_moe) or takes moe.num_experts; set it to make
+    E' divisible by parallel.ep."""
+    expert_ffn_dim: int = 0
+    """Hidden size D' of one sub-token expert. 0 derives it (match_moe) or takes
+    moe.expert_ffn_dim."""
+
+    def __post_init__(self) -> None:
+        require(self.heads >= 1, f"model.mh_moe.heads ({self.heads}) must be >= 1")
+        require(self.num_experts >= 0 and self.expert_ffn_dim >= 0,
+                 f"model.mh_moe.num_experts ({self.num_experts}) and expert_ffn_dim "
+                 f"({self.expert_ffn_dim}) must be >= 0 (0 = derive)")
+
+
+@dataclass(kw_only=True)
+class StratifiedConfig:
+    """Stratified MoE (model.arch=stratified): experts in strata; a token's top-1 choice decides
+    whether it takes another pass through a higher stratum (ALGORITHMS.md section 5)."""
+
+    strata: list[int] = field(default_factory=lambda: [4, 4])
+    """Experts per stratum, lowest first; must sum to moe.num_experts."""
+    stratum_norm: bool = True
+    """RMSNorm of the input of every pass (one norm per stratum), as the reference's
+    --hmoe-layernorm; false feeds later passes the raw residual stream."""
+
+    def __post_init__(self) -> None:
+        require(len(self.strata) >= 1 and all(n >= 1 for n in self.strata),
+                 f"model.stratified.strata ({self.strata}) must be a non-empty list of positive sizes")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: Literal["transformer", "switchhead", "peer", "mh_moe", "stratified"] = "transformer"
+    """Model family. 'transformer' is the decoder-only LM with (optionally) MoE MLPs; the
+    others swap in a seed architecture (see docs/architectures.md)."""
+    vocab_size: int = 0
+    """Vocabulary size. 0 takes it from the tokenizer (256 for bytes)."""
+    dim: int = 128
+    """Hidden size of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; dim must be divisible by it."""
+    ffn_dim: int = 0
+    """Hidden size of dense SwiGLU MLPs. 0 means 8/3 * dim rounded up to a multiple of 16."""
+    max_seq_len: int = 1024
+    """Longest sequence the rotary tables are built for; data.seq_len may not exceed it."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init (output projections are scaled by depth)."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
+    switchhead: SwitchHeadConfig = field(default_factory=SwitchHeadConfig)
+    """Options of model.arch=switchhead."""
+    peer: PEERConfig = field(default_factory=PEERConfig)
+    """Options of model.arch=peer."""
+    mh_moe: MHMoEConfig = field(default_factory=MHMoEConfig)
+    """Options of model.arch=mh_moe."""
+    stratified: StratifiedConfig = field(default_factory=StratifiedConfig)
+    """Options of model.arch=stratified."""
+
+    def __post_init__(self) -> None:
+        require(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,
+                 f"model.dim ({self.dim}), model.n_layers ({self.n_layers}) and model.n_heads "
+                 f"({self.n_heads}) must be positive")
+        require(self.dim % self.n_heads == 0,
+                 f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}); "
+                 f"try n_heads in {divisors(self.dim, limit=64)}")
+        require((self.dim // self.n_heads) % 2 == 0,
+                 f"head size model.dim/model.n_heads ({self.dim // self.n_heads}) must be even "
+                 "for rotary embeddings")
+        require(self.vocab_size >= 0, f"model.vocab_size ({self.vocab_size}) must be >= 0 (0 = from tokenizer)")
+        require(self.max_seq_len > 0, f"model.max_seq_len ({self.max_seq_len}) must be positive")
+        if self.ffn_dim == 0:
+            self.ffn_dim = round_up(int(8 * self.dim / 3), 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads

@@ -1,0 +1,163 @@
+"""The sections of a run: ``parallel``, ``data``, ``train``, ``checkpoint``, ``log``, ``zero``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moe_dist.config.errors import require
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    dp: int = -1
+    """Data-parallel degree. -1 infers world_size / tp."""
+    tp: int = 1
+    """Tensor-parallel degree for attention, dense MLPs, embeddings and head. 1 disables it."""
+    ep: int = 1
+    """Expert-parallel degree: experts are sharded over groups of `ep` ranks. 1 disables it."""
+    etp: int = 1
+    """Expert tensor parallelism (each expert split over `etp` ranks). 1 disables it."""
+    sequence_parallel: bool = True
+    """With tp > 1, each TP rank routes its own slice of the sequence."""
+    collective_timeout_s: float = 300.0
+    """A collective that does not finish in this many seconds aborts every rank."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "ep", "etp"):
+            value = getattr(self, name)
+            require(value >= 1, f"parallel.{name} ({value}) must be >= 1 (1 disables it)")
+        require(self.dp == -1 or self.dp >= 1, f"parallel.dp ({self.dp}) must be >= 1, or -1 to infer it")
+        require(self.collective_timeout_s > 0,
+                 f"parallel.collective_timeout_s ({self.collective_timeout_s}) must be positive")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "default"
+    """'default' (the bundled Shakespeare corpus), a local path (.txt, .jsonl, .json, .parquet,
+    a directory of them, or a dataset saved with save_to_disk), or 'hf:<hub name>'."""
+    text_field: str = "text"
+    """Column holding the text in JSONL/Parquet/hub datasets."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """'byte' maps UTF-8 bytes to ids 0..255; 'bpe' trains a byte-level BPE locally."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary of the locally trained BPE."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    val_fraction: float = 0.05
+    """Share of packed sequences held out for validation."""
+    max_documents: int = 0
+    """Use at most this many documents (0 = all), to keep CPU runs short."""
+    seed: int = 1234
+    """Seed of the shuffling order; the order is a pure function of (seed, epoch)."""
+    cache_dir: str = ""
+    """Where tokenised datasets are cached. '' means ~/.cache/moe_dist."""
+
+    def __post_init__(self) -> None:
+        require(self.seq_len > 0, f"data.seq_len ({self.seq_len}) must be positive")
+        require(0 < self.val_fraction < 1, f"data.val_fraction ({self.val_fraction}) must be in (0, 1)")
+        require(self.bpe_vocab_size >= 260,
+                 f"data.bpe_vocab_size ({self.bpe_vocab_size}) must be >= 260 (bytes plus merges)")
+        require(self.max_documents >= 0, f"data.max_documents ({self.max_documents}) must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps to run."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, the same for any number of ranks."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass; accumulation = global / (micro * dp)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay as a fraction of lr."""
+    warmup_steps: int = 30
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and router biases)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value. 0 disables clipping."""
+    seed: int = 0
+    """Seed of parameter init and any training randomness."""
+    eval_every: int = 50
+    """Compute validation loss every this many steps (and at the end). 0 disables it."""
+    eval_batches: int = 4
+    """Micro-batches per validation pass."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype of autocast: 'auto' is bf16 on GPU and fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train. 'auto' picks CUDA when available."""
+    engine: Literal["native", "deepspeed"] = "native"
+    """'native' is moe_dist's own loop; 'deepspeed' wraps the model in a DeepSpeed engine."""
+
+    def __post_init__(self) -> None:
+        require(self.steps > 0, f"train.steps ({self.steps}) must be positive")
+        require(self.global_batch_size > 0 and self.micro_batch_size > 0,
+                 f"train.global_batch_size ({self.global_batch_size}) and train.micro_batch_size "
+                 f"({self.micro_batch_size}) must be positive")
+        require(self.lr > 0, f"train.lr ({self.lr}) must be positive")
+        require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0")
+        require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it)")
+        require(self.eval_every >= 0, f"train.eval_every ({self.eval_every}) must be >= 0")
+        require(self.eval_batches > 0, f"train.eval_batches ({self.eval_batches}) must be positive")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many steps (and at the end). 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep the newest K checkpoints; older ones are deleted after a verified save."""
+    resume: str = "auto"
+    """'auto' continues from the newest checkpoint in the run directory if one exists, 'none'
+    starts fresh, any other value is a checkpoint directory to load."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, f"checkpoint.every ({self.every}) must be >= 0")
+        require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    every: int = 10
+    """Write metrics every this many steps (device-side accumulation in between)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into <run_dir>/tb."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device for MFU. 0 looks it up for known GPUs; unknown means no MFU."""
+
+    def __post_init__(self) -> None:
+        require(self.every > 0, f"log.every ({self.every}) must be positive")
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1, 2 or 3) when train.engine=deepspeed."""
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU (ZeRO-Offload)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with backward."""
+    bucket_size: int = 50_000_000
+    """Reduce/allgather bucket size in elements."""
+    ds_config: str = ""
+    """Path of a DeepSpeed JSON config with extra keys (e.g. "wall_clock_breakdown") merged into
+    the generated one. Keys moe_dist generates (batch sizes, clipping, precision,
+    zero_optimization, optimizer, scheduler) are refused, not overridden. '' means none."""
+
+    def __post_init__(self) -> None:
+        require(self.stage in (0, 1, 2, 3), f"zero.stage ({self.stage}) must be 0, 1, 2 or 3")
+        require(self.bucket_size > 0, f"zero.bucket_size ({self.bucket_size}) must be positive (elements)")
+        require(not (self.offload_optimizer and self.stage == 0),
+                 "zero.offload_optimizer needs zero.stage >= 1 (stage 0 keeps no partitioned optimizer "
+                 "state to offload); set zero.stage=1 or 2")

@@ -1,0 +1,75 @@
+"""Cross-section checks that need the world size; every rank runs them before any collective."""
+
+from __future__ import annotations
+
+from moe_dist.config.errors import ConfigError, divisors, require, round_up
+from moe_dist.config.root import Config
+from moe_dist.config.run import ParallelConfig
+
+
+def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
+    if parallel.dp != -1:
+        return parallel.dp
+    return max(world_size // parallel.tp, 1)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that need the world size. Runs on every rank before any collective."""
+    par = cfg.parallel
+    dp = resolve_dp(par, world_size)
+    require(dp * par.tp == world_size,
+             f"parallel.dp ({dp}) x parallel.tp ({par.tp}) = {dp * par.tp} must equal the world size "
+             f"({world_size}); use tp in {divisors(world_size)} and dp=-1 to infer dp")
+    require(world_size % (par.ep * par.etp) == 0,
+             f"parallel.ep ({par.ep}) x parallel.etp ({par.etp}) = {par.ep * par.etp} must divide the "
+             f"world size ({world_size}); use ep in {divisors(world_size)}")
+    if cfg.moe.enabled:
+        require(cfg.moe.num_experts % par.ep == 0,
+                 f"moe.num_experts ({cfg.moe.num_experts}) must be divisible by parallel.ep ({par.ep}); "
+                 f"use ep in {[d for d in divisors(cfg.moe.num_experts) if world_size % d == 0]} "
+                 f"or num_experts={round_up(cfg.moe.num_experts, par.ep)}")
+    elif par.ep > 1:
+        raise ConfigError(f"parallel.ep ({par.ep}) > 1 needs an MoE model, but moe.num_experts "
+                          f"({cfg.moe.num_experts}) / moe.every ({cfg.moe.every}) make it dense; set ep=1")
+    require(cfg.model.n_heads % par.tp == 0,
+             f"model.n_heads ({cfg.model.n_heads}) must be divisible by parallel.tp ({par.tp}); "
+             f"use tp in {[d for d in divisors(cfg.model.n_heads) if world_size % d == 0]}")
+    if par.tp > 1 and par.sequence_parallel:
+        require(cfg.data.seq_len % par.tp == 0,
+                 f"data.seq_len ({cfg.data.seq_len}) must be divisible by parallel.tp ({par.tp}) with "
+                 f"sequence parallelism; use seq_len={round_up(cfg.data.seq_len, par.tp)}")
+    train = cfg.train
+    per_step = train.micro_batch_size * dp
+    require(train.global_batch_size % per_step == 0,
+             f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+             f"train.micro_batch_size ({train.micro_batch_size}) x dp ({dp}) = {per_step}; "
+             f"use global_batch_size={round_up(train.global_batch_size, per_step)}")
+    if train.engine == "deepspeed":
+        _validate_deepspeed(cfg, world_size)
+
+
+def _validate_deepspeed(cfg: Config, world_size: int) -> None:
+    """What train.engine=deepspeed supports (docs/deepspeed.md says why)."""
+    par, stage = cfg.parallel, cfg.zero.stage
+    require(world_size > 1, "train.engine=deepspeed needs at least 2 ranks (launch with torchrun, deepspeed "
+                             "or mpirun); for one process use train.engine=native")
+    require(par.tp == 1, f"train.engine=deepspeed with parallel.tp ({par.tp}) > 1 is not supported: "
+                          "DeepSpeed's data-parallel group would span the tp ranks; use tp=1 or train.engine=native")
+    if cfg.moe.enabled and stage == 3:
+        raise ConfigError(
+            "zero.stage (3) with an MoE model: ZeRO-3 partitions every parameter over the whole data-"
+            "parallel world and gathers it before each use, but moe_dist's expert weights differ from ep "
+            "rank to ep rank (DeepSpeed 0.19 partitions experts over their expert-data-parallel group "
+            "only for its own AutoEP layers; with ep=1 the MoE layer's backward fails under ZeRO-3's parameter "
+            "partitioning); use zero.stage=2 (expert gradients and optimizer state are "
+            "partitioned over the expert-data-parallel group, dense ones over all ranks), or zero.stage=3 "
+            "with a dense model")
+    if cfg.moe.enabled and par.ep > 1 and stage == 0:
+        raise ConfigError(
+            f"zero.stage (0) with parallel.ep ({par.ep}) > 1: DeepSpeed's non-ZeRO path measures the gradient "
+            "norm as the mean of per-rank norms, which differs from the global norm once ranks hold different "
+            "experts; use zero.stage=1 (the same update, optimizer state partitioned) or train.engine=native")
+
+
+def grad_accum_steps(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
