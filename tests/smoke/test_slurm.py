@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from test_launch_scripts import (LAUNCH, REPO, TINY, check_tiny_run, clean_env, explain, layout_lines,
-                                 read_metrics, require_cli, run)
+                                 read_metrics, run)
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,6 @@ def log_text(log: Path) -> str:
 
 @pytest.mark.parametrize("script", ["srun-direct.sbatch", "train.sbatch"])
 def test_sbatch_trains_two_ranks_on_two_nodes(slurm_cluster, script: str, tmp_path: Path) -> None:
-    require_cli()
     run_dir = tmp_path / "run"
     job_id, log = sbatch(script, TINY, tmp_path, run_dir)
     assert wait_job(job_id, log) == 0, f"job {job_id} failed:\n{log_text(log)[-6000:]}"
@@ -120,7 +119,6 @@ DRY_RUN = ["--dry-run", *TINY, "parallel.ep=2"]  # flags before overrides (argpa
 @pytest.fixture(scope="module")
 def torchrun_layout() -> list[str]:
     """The rank layout a local 2-process torchrun prints for DRY_RUN."""
-    require_cli()
     local = run([str(LAUNCH / "torchrun.sh"), *DRY_RUN], timeout=120, NPROC="2")
     assert local.returncode == 0, explain(local)
     layout = layout_lines(local.stdout)
@@ -139,7 +137,6 @@ def test_dry_run_layout_matches_local_torchrun(slurm_cluster, torchrun_layout: l
 @pytest.mark.parametrize("script", ["srun-direct.sbatch", "train.sbatch"])
 def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, script: str, tmp_path: Path) -> None:
     """srun-direct: the trainers get SIGUSR1 from srun; train.sbatch: torchrun sits in between."""
-    require_cli()
     steps = 300  # ~15-40 ms each: long enough to signal the job mid-run
     run_dir = tmp_path / "run"
     args = [arg if not arg.startswith("train.steps=") else f"train.steps={steps}" for arg in TINY]
