@@ -12,7 +12,12 @@ Same inputs, same process, after warm-up. Systems:
 * ``deepspeed`` / ``deepspeed_dropless``: DeepSpeed's MoE (capacity factor 1.0 / no drops);
   top-k <= 2 only, reported as unsupported otherwise.
 * ``dense_gemm``: the same expert FLOPs as one dense SwiGLU MLP over T*K rows (the practical
-  peak for these GEMM shapes).
+  peak for these GEMM shapes): the input rows require a gradient like the MoE layer's input
+  (so its backward runs both GEMMs' input gradients, the FLOPs counted below), and on CUDA the
+  activation is the same fused SwiGLU kernel the moe_dist layer uses.
+* ``dense_gemm_no_dx``: the baseline of the first GPU runs, kept for comparison: eager SwiGLU
+  and input rows without a gradient, so its backward skips the first GEMM's input gradient
+  (2/9 of the counted FLOPs) and its TFLOP/s overstates the dense rate.
 
 TFLOP/s counts the expert and shared-expert GEMMs: ``6 * T * (K*3*h*f + 3*h*f_shared)``
 (forward 2x, backward 4x), not the router. Run ``python -m benchmarks.moe_layer --help``.
@@ -125,11 +130,31 @@ def build_deepspeed(shape: Shape, x: torch.Tensor, device, dtype, drop_tokens: b
     return layer, lambda: layer(x_b)[0]
 
 
-def build_dense(shape: Shape, x: torch.Tensor, device, dtype):
+class _DenseBaseline(nn.Module):
+    """One SwiGLU MLP over its own input rows (a parameter, so ``zero_grad`` clears their grad)."""
+
+    def __init__(self, rows: int, hidden: int, ffn: int, input_grad: bool, fused_act: bool) -> None:
+        super().__init__()
+        self.mlp = _SwiGLUExpert(hidden, ffn)
+        self.rows = nn.Parameter(torch.randn(rows, hidden), requires_grad=input_grad)
+        self.fused_act = fused_act
+
+    def forward(self) -> torch.Tensor:
+        if not self.fused_act:
+            return self.mlp(self.rows)
+        from moe_dist.moe.kernels import expert_ops
+
+        return self.mlp.w2(expert_ops.swiglu(self.mlp.w13(self.rows)))
+
+
+def build_dense(shape: Shape, x: torch.Tensor, device, dtype, same_work: bool = True):
+    from moe_dist.moe.kernels.permute import triton_available
+
     rows = shape.tokens * shape.top_k + shape.tokens * shape.num_shared
-    layer = _SwiGLUExpert(shape.hidden, shape.ffn).to(device=device, dtype=dtype)
-    x_rows = torch.randn(rows, shape.hidden, device=device, dtype=dtype)
-    return layer, lambda: layer(x_rows)
+    fused_act = same_work and device.type == "cuda" and triton_available()
+    layer = _DenseBaseline(rows, shape.hidden, shape.ffn, input_grad=same_work, fused_act=fused_act)
+    layer = layer.to(device=device, dtype=dtype)
+    return layer, layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +177,8 @@ def run_system(system: str, shape: Shape, args, device, dtype) -> dict:
                 layer, forward = build_megatron(shape, x, device, dtype)
             elif system.startswith("deepspeed"):
                 layer, forward = build_deepspeed(shape, x, device, dtype, drop_tokens=system == "deepspeed")
-            elif system == "dense_gemm":
-                layer, forward = build_dense(shape, x, device, dtype)
+            elif system in ("dense_gemm", "dense_gemm_no_dx"):
+                layer, forward = build_dense(shape, x, device, dtype, same_work=system == "dense_gemm")
             else:
                 raise ValueError(f"unknown system {system!r}")
             if system == "moe_dist_compiled":
@@ -180,7 +205,7 @@ def run_system(system: str, shape: Shape, args, device, dtype) -> dict:
             "peak_mem_gib": round(timing.peak_mem_gib, 2)}
 
 
-SYSTEMS = ["dense_gemm", "moe_dist", "moe_dist_torch", "megatron_core", "deepspeed", "deepspeed_dropless"]
+SYSTEMS = ["dense_gemm", "dense_gemm_no_dx", "moe_dist", "moe_dist_torch", "megatron_core", "deepspeed", "deepspeed_dropless"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -14,6 +14,11 @@ OUT=${OUT:-/tmp/moe_dist_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STAGES=${*:-tests layer dispatch train train_compile layer_compile profile}
+# Optional narrowing for short runs, e.g. TESTS=tests/gpu/test_cross_entropy_gpu.py
+# LAYER_ARGS="--shapes mixtral" TRAIN_ARGS="--models moe".
+TESTS=${TESTS:-tests/gpu}
+LAYER_ARGS=${LAYER_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 START=$(date +%s)
 stamp() { echo "[run_gpu +$(( $(date +%s) - START ))s] $*"; }
 
@@ -39,17 +44,17 @@ for stage in $STAGES; do
   case $stage in
     tests)
       stamp "start tests"
-      timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -5
+      timeout 90 python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log" | tail -5
       stamp "end tests" ;;
-    layer) run layer 180 python3 -m benchmarks.moe_layer ;;
+    layer) run layer 180 python3 -m benchmarks.moe_layer $LAYER_ARGS ;;
     layer_compile) run layer_compile 150 python3 -m benchmarks.moe_layer --systems moe_dist_compiled ;;
     dispatch) run dispatch 90 python3 -m benchmarks.dispatch ;;
     profile)
       stamp "start profile"
       timeout 60 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
       stamp "end profile" ;;
-    train) run train 100 python3 -m benchmarks.train_step ;;
-    train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile ;;
+    train) run train 100 python3 -m benchmarks.train_step $TRAIN_ARGS ;;
+    train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile $TRAIN_ARGS ;;
     train_reference) run train_reference 120 python3 -m benchmarks.train_step --reference --models moe ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -2,7 +2,8 @@
 dense LM with the same active parameters.
 
 Step = forward in bf16 autocast (fp32 master weights) + cross-entropy (+ router losses) +
-backward + AdamW step + zero_grad. Models are moe_dist's ``Transformer``:
+backward + AdamW step + zero_grad. The cross-entropy is the trainer's
+(``moe_dist.train.cross_entropy.token_cross_entropy``: fused Triton on CUDA, no fp32 logits). Models are moe_dist's ``Transformer``:
 
 * ``moe``: dim 1024, 12 layers, 16 heads, every MLP an MoE of 8 SwiGLU experts (ffn 2816),
   top-2, dropless, vocab 32768 -> 0.95B parameters, 0.33B active per token.
@@ -19,12 +20,12 @@ import argparse
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import emit, error_record, gpu_name, log, pick_device, reference_kernels_only, time_call
 from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
 from moe_dist.metrics.flops import peak_tflops, training_flops_per_token
 from moe_dist.models.transformer import Transformer
+from moe_dist.train.cross_entropy import token_cross_entropy
 
 FULL = dict(dim=1024, n_layers=12, n_heads=16, expert_ffn=2816, experts=8, top_k=2, vocab=32768,
             seq_len=2048, batch=8)
@@ -76,7 +77,7 @@ def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | 
         def step():
             with autocast:
                 out = forward(inputs)
-                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+                loss = token_cross_entropy(out.logits, targets)
                 for value in out.losses.values():
                     loss = loss + value
             loss.backward()

@@ -25,7 +25,6 @@ import contextlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import Config, ParallelConfig
@@ -35,6 +34,7 @@ from moe_dist.distributed.data_parallel import GradReducer, clip_grad_norm_
 from moe_dist.distributed.expert_parallel import apply_ep
 from moe_dist.distributed.peer_parallel import apply_arch_parallel
 from moe_dist.distributed.mesh import ParallelMesh
+from moe_dist.train.cross_entropy import token_cross_entropy
 
 
 class DistributedPlan:
@@ -61,7 +61,7 @@ class DistributedPlan:
     # losses and reductions ---------------------------------------------------------------------
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of this rank's micro-batch (logits are full-vocabulary)."""
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return token_cross_entropy(logits, targets)  # fused on CUDA; F.cross_entropy in fp32 elsewhere
 
     def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average a per-rank value (e.g. a loss) over the data-parallel shards of the batch."""
