@@ -32,7 +32,7 @@ OUT=${SHOTS_OUT:-docs/img}
 STEPS=${SHOTS_STEPS:-100}
 BUDGET_MS=${SHOTS_BUDGET_MS:-15000}
 CHROMIUM=${CHROMIUM:-chromium}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # raise it on an idle machine
 
 command -v "$CHROMIUM" >/dev/null || { echo "error: $CHROMIUM not found; install it with" \
     "'apt-get install -y chromium' or set CHROMIUM=/path/to/chromium" >&2; exit 1; }
@@ -53,7 +53,7 @@ trap 'exit 130' INT TERM
 if [ -n "${SHOTS_RUN_DIR:-}" ]; then
     RUN_DIR=$SHOTS_RUN_DIR
 else
-    RUN_DIR=$WORK/run
+    RUN_DIR=$WORK/tiny-fixed-capacity
     echo "== training $STEPS steps into $RUN_DIR"
     moe-dist train --config configs/tiny.yaml --run-dir "$RUN_DIR" \
         train.steps="$STEPS" train.eval_every=50 checkpoint.every=0 log.every=5 \
@@ -124,6 +124,6 @@ EOF
 }
 
 shoot scalars 1000 "#scalars&tagFilter=moe%2F"
-shoot histograms 560 "#histograms&tagFilter=load"
-shoot images 520 "#images&tagFilter=heatmap"
+shoot histograms 480 "#histograms"
+shoot images 440 "#images"
 echo "== done; TensorBoard stopped"
