@@ -3,7 +3,7 @@ dense LM with the same active parameters.
 
 Step = forward in bf16 autocast (fp32 master weights) + cross-entropy (+ router losses) +
 backward + AdamW step + zero_grad. The cross-entropy is the trainer's
-(``moe_dist.train.cross_entropy.token_cross_entropy``: fused Triton on CUDA, no fp32 logits). Models are moe_dist's ``Transformer``:
+(``moe_dist.models.cross_entropy.token_cross_entropy``: fused Triton on CUDA, no fp32 logits). Models are moe_dist's ``Transformer``:
 
 * ``moe``: dim 1024, 12 layers, 16 heads, every MLP an MoE of 8 SwiGLU experts (ffn 2816),
   top-2, dropless, vocab 32768 -> 0.95B parameters, 0.33B active per token.
@@ -25,7 +25,7 @@ from benchmarks.common import emit, error_record, gpu_name, log, pick_device, re
 from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
 from moe_dist.metrics.flops import peak_tflops, training_flops_per_token
 from moe_dist.models.transformer import Transformer
-from moe_dist.train.cross_entropy import token_cross_entropy
+from moe_dist.models.cross_entropy import token_cross_entropy
 
 FULL = dict(dim=1024, n_layers=12, n_heads=16, expert_ffn=2816, experts=8, top_k=2, vocab=32768,
             seq_len=2048, batch=8)

@@ -34,7 +34,7 @@ from moe_dist.distributed.data_parallel import GradReducer, clip_grad_norm_
 from moe_dist.distributed.expert_parallel import apply_ep
 from moe_dist.distributed.peer_parallel import apply_arch_parallel
 from moe_dist.distributed.mesh import ParallelMesh
-from moe_dist.train.cross_entropy import token_cross_entropy
+from moe_dist.models.cross_entropy import token_cross_entropy
 
 
 class DistributedPlan:

@@ -21,7 +21,7 @@ from torch import nn
 from moe_dist.config import Config, validate
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
-from moe_dist.train.cross_entropy import token_cross_entropy
+from moe_dist.models.cross_entropy import token_cross_entropy
 
 if TYPE_CHECKING:
     from moe_dist.distributed.agreement import CollectiveWatchdog

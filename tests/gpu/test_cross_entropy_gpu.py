@@ -10,7 +10,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from moe_dist.train.cross_entropy import token_cross_entropy  # noqa: E402
+from moe_dist.models.cross_entropy import token_cross_entropy  # noqa: E402
 
 DEVICE = torch.device("cuda")
 

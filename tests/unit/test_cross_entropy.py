@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
-from moe_dist.train.cross_entropy import fused_cross_entropy, token_cross_entropy  # noqa: E402
+from moe_dist.models.cross_entropy import fused_cross_entropy, token_cross_entropy  # noqa: E402
 
 
 def _reference(logits, targets):
