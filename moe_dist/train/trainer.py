@@ -48,6 +48,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rt = runtime
+        self._stop_requested = False
+        self._install_signal_handlers()  # a preemption signal during setup is honoured too
         self.device = runtime.device
         mesh = runtime.mesh
 
@@ -79,7 +81,6 @@ class Trainer:
                                                         model=self.model).total
         self.peak_tflops = resolve_peak_tflops(cfg.log.peak_tflops, self.device)
         self.step = 0
-        self._stop_requested = False
 
     def _configure_parallelism(self) -> None:
         """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model`` (the DeepSpeed
@@ -113,11 +114,19 @@ class Trainer:
         self.plan.load_model_and_optimizer(directory, self.model, self.optimizer)
         state = ckpt.load_file(directory, "trainer.pt")
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_configured_lr()
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         if self.rt.is_logging_rank:
             truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
+
+    def _apply_configured_lr(self) -> None:
+        """The config, not the checkpoint, sets the schedule's peak: a run resumed with another
+        train.lr continues on the new schedule at the same step (a no-op when lr is unchanged)."""
+        self.scheduler.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
 
     # ------------------------------------------------------------------ steps
     def _batch(self, indices: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +159,7 @@ class Trainer:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = self.plan.clip_grad_norm_(max_norm)
         means.add({"train/grad_norm": grad_norm})
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.plan.after_optimizer_step(self.model)
@@ -180,7 +190,6 @@ class Trainer:
 
     def fit(self) -> FitResult:
         cfg = self.cfg
-        self._install_signal_handlers()
         self.maybe_resume()
         self.rt.agree_before_training(self.model, cfg)
         # Built after resuming, which may have truncated metrics.jsonl to the checkpoint's step.
@@ -229,7 +238,7 @@ class Trainer:
         window = dict(zip(keys, averaged.tolist()))
         rate = self.throughput.measure()
         record = dict(window)
-        record["train/lr"] = self.scheduler.get_last_lr()[0]
+        record["train/lr"] = self.last_lr
         record["perf/tokens_per_s"] = rate.tokens_per_s
         record["perf/step_time_ms"] = rate.step_time_ms
         utilisation = mfu(rate.tokens_per_s, self.flops_per_token, self.peak_tflops, self.rt.mesh.world_size)

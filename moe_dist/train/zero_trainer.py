@@ -104,6 +104,7 @@ class DeepSpeedTrainer(Trainer):
     def train_step(self, means: DeviceMeans) -> None:
         engine = self.engine
         self.model.train()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         for micro in range(self.accum_steps):
             indices = self.sampler.micro_batch_indices(self.step, self.rt.mesh.dp_rank, self.rt.mesh.dp_size,
                                                        micro, self.cfg.train.micro_batch_size)

@@ -135,3 +135,18 @@ def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
         ckpt.save_checkpoint(tmp_path, 2, write_then_die, keep_last=2)
     assert ckpt.latest_checkpoint(tmp_path) == good
     ckpt.verify_checkpoint(good)
+
+
+def test_resume_into_a_new_run_follows_the_configured_lr(tmp_path):
+    from moe_dist.config import TrainConfig
+    from moe_dist.train.optim import lr_multiplier
+
+    first = tmp_path / "first"
+    run_train(first, "train.steps=4", "train.eval_every=0", "log.every=1", "checkpoint.every=2")
+    second = tmp_path / "second"
+    run_train(second, "train.steps=6", "train.eval_every=0", "log.every=1", "train.lr=1e-4",
+              f"checkpoint.resume={first / 'checkpoints' / 'step_00000004'}")
+    records = {r["step"]: r for r in read_metrics(second)}
+    assert sorted(records) == [5, 6]
+    schedule = TrainConfig(steps=6, lr=1e-4, warmup_steps=2)
+    assert records[6]["lr"] == pytest.approx(1e-4 * lr_multiplier(5, schedule), rel=1e-9)
