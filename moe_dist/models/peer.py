@@ -164,6 +164,3 @@ class PEERTransformer(ArchTransformer):
         for block in self.layers:
             if block.is_moe:
                 block.mlp = PEERLayer(self.model_cfg.dim, self.model_cfg.peer)
-
-    def peer_layers(self) -> list[PEERLayer]:
-        return [block.mlp for block in self.layers if isinstance(block.mlp, PEERLayer)]

@@ -129,6 +129,7 @@ class LocalDispatcher:
             # Variable-k routing and drops leave padding rows at the end. On the CPU a host read is
             # free, so cut them off and the experts compute only the rows that were routed; on
             # the GPU the shapes stay fixed instead (no sync).
+            # NOTE: device-to-host sync (CPU only, see above).
             padding = x_sorted.shape[0] - int(tokens_per_expert.sum())
             x_sorted = x_sorted[:x_sorted.shape[0] - padding]
         return x_sorted, tokens_per_expert, LocalHandle(state, padding)

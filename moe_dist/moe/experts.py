@@ -161,9 +161,6 @@ class GroupedExperts(nn.Module):
             act = F.silu(gate) * up
         return grouped_matmul(act, self.w2, tokens_per_expert, self.backend)
 
-    def flops_per_assignment(self) -> int:
-        return 2 * 3 * self.dim * self.ffn_dim
-
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, "
                 f"offset={self.expert_offset}, backend={self.backend}")

@@ -26,8 +26,6 @@ from moe_dist.config import ConfigError, RouterConfig
 from moe_dist.moe import balance
 from moe_dist.moe.router import RoutingResult
 
-VARIABLE_K_TYPES = ("top_p", "xmoe", "da_moe", "top_any")
-
 
 def build(dim: int, num_experts: int, cfg: RouterConfig) -> nn.Module:
     """The non-top-k router named by ``cfg.type``."""

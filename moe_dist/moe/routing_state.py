@@ -86,6 +86,7 @@ def routing_metrics(model: nn.Module, reduce_fn: ReduceFn | None = None,
         router = layer.router
         if isinstance(router, adaptive.TopAnyRouter):
             active = router.active
+            # NOTE: device-to-host sync (logging steps only)
             thresholds = router.threshold.detach()[active].float().cpu().numpy()
             scalars[f"{prefix}/active_experts"] = float(active.sum())
             if thresholds.size:

@@ -37,10 +37,3 @@ class ExpertLoadStats(nn.Module):
         self.routed.zero_()
         self.kept.zero_()
         self.tokens.zero_()
-
-    def resize(self, num_experts: int) -> None:
-        """Used when an adaptive layer changes its expert pool size."""
-        self.num_experts = num_experts
-        device = self.routed.device
-        self.routed = torch.zeros(num_experts, device=device)
-        self.kept = torch.zeros(num_experts, device=device)
