@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moe_dist.config import Config, validate
+from moe_dist.config import Config, ConfigError, validate
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
 from moe_dist.models.cross_entropy import token_cross_entropy
@@ -136,7 +136,7 @@ class Runtime:
 def pick_device(requested: str, env: LaunchEnv) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
         return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
 

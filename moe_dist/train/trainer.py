@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moe_dist.config import Config, grad_accum_steps
+from moe_dist.config import Config, ConfigError, grad_accum_steps
 from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
 from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress,
                               build_sinks)
@@ -60,8 +60,8 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.vocab_size
         elif cfg.model.vocab_size < self.data.vocab_size:
-            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                             f"vocabulary ({self.data.vocab_size}); set model.vocab_size=0 to take it from the data")
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                              f"vocabulary ({self.data.vocab_size}); set model.vocab_size=0 to take it from the data")
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
