@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands that live in their own modules (sweep, report, bench) register here."""
+    """Subcommands that live in their own modules (sweep, report) register here."""
     registrars = []
     for module_name in ("moe_dist.sweep", "moe_dist.report"):
         try:
