@@ -11,6 +11,8 @@ writes the gradient directly in the logits' dtype: 6 bytes per bf16 logit.
 device exactly ``F.cross_entropy(logits.float(), targets)`` (so CPU runs are unchanged).
 :func:`fused_cross_entropy` runs the Triton path on any device (tests run it on CPU through
 ``TRITON_INTERPRET=1``). Both take the mean over the targets that are not ``ignore_index``.
+The kernels run inside ``torch.library.triton_op`` custom ops (``moe_dist::cross_entropy_rows``
+with registered autograd), so ``torch.compile`` traces the loss without a graph break.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.library import triton_op
 
+from moe_dist.moe.kernels.launch import launcher
 from moe_dist.moe.kernels.permute import triton_available
 
 
@@ -81,32 +85,48 @@ def _launch_config(vocab: int, block: int | None) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Per-row losses ``logsumexp(x_n) - x_n[t_n]`` (0 where ``t_n == ignore_index``)."""
+@triton_op("moe_dist::cross_entropy_rows", mutates_args=())
+def _ce_rows_op(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int, block: int,
+                warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses ``logsumexp(x_n) - x_n[t_n]`` (0 where ``t_n == ignore_index``), with the
+    row maxima and log-sums the backward reuses."""
+    rows, vocab = logits_NV.shape
+    losses_N = torch.empty(rows, dtype=torch.float32, device=logits_NV.device)
+    max_N, logsum_N = torch.empty_like(losses_N), torch.empty_like(losses_N)
+    launch = launcher(_kernels()[0], logits_NV)
+    if launch is not None and rows:
+        launch[(rows,)](logits_NV, targets_N, losses_N, max_N, logsum_N, vocab, ignore_index,
+                        BLOCK=block, num_warps=warps)
+    return losses_N, max_N, logsum_N
 
-    @staticmethod
-    def forward(ctx, logits_NV, targets_N, ignore_index, block):
-        rows, vocab = logits_NV.shape
-        losses_N = torch.empty(rows, dtype=torch.float32, device=logits_NV.device)
-        max_N, logsum_N = torch.empty_like(losses_N), torch.empty_like(losses_N)
-        block, warps = _launch_config(vocab, block)
-        if rows:
-            _kernels()[0][(rows,)](logits_NV, targets_N, losses_N, max_N, logsum_N, vocab, ignore_index,
-                                   BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(logits_NV, targets_N, max_N, logsum_N)
-        ctx.ignore_index, ctx.block = ignore_index, block
-        return losses_N
 
-    @staticmethod
-    def backward(ctx, grad_N):
-        logits_NV, targets_N, max_N, logsum_N = ctx.saved_tensors
-        rows, vocab = logits_NV.shape
-        grad_logits = torch.empty_like(logits_NV)
-        block, warps = _launch_config(vocab, ctx.block)
-        if rows:
-            _kernels()[1][(rows,)](logits_NV, targets_N, max_N, logsum_N, grad_N.contiguous(), grad_logits, vocab,
-                                   ctx.ignore_index, BLOCK=block, num_warps=warps)
-        return grad_logits, None, None, None
+@triton_op("moe_dist::cross_entropy_rows_backward", mutates_args=())
+def _ce_rows_backward_op(logits_NV: torch.Tensor, targets_N: torch.Tensor, max_N: torch.Tensor,
+                         logsum_N: torch.Tensor, grad_N: torch.Tensor, ignore_index: int, block: int,
+                         warps: int) -> torch.Tensor:
+    rows, vocab = logits_NV.shape
+    grad_logits = torch.empty_like(logits_NV)
+    launch = launcher(_kernels()[1], logits_NV)
+    if launch is not None and rows:
+        launch[(rows,)](logits_NV, targets_N, max_N, logsum_N, grad_N, grad_logits, vocab, ignore_index,
+                        BLOCK=block, num_warps=warps)
+    return grad_logits
+
+
+def _ce_setup(ctx, inputs, output) -> None:
+    logits_NV, targets_N, ignore_index, block, warps = inputs
+    _, max_N, logsum_N = output
+    ctx.save_for_backward(logits_NV, targets_N, max_N, logsum_N)
+    ctx.launch_args = (ignore_index, block, warps)
+
+
+def _ce_backward(ctx, grad_N, _grad_max, _grad_logsum):
+    logits_NV, targets_N, max_N, logsum_N = ctx.saved_tensors
+    grad_logits = _ce_rows_backward_op(logits_NV, targets_N, max_N, logsum_N, grad_N.contiguous(), *ctx.launch_args)
+    return grad_logits, None, None, None, None
+
+
+_ce_rows_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -122,7 +142,8 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
                          f"targets must be logits.shape[:-1]")
     logits_NV = logits.reshape(-1, logits.shape[-1]).contiguous()
     targets_N = targets.reshape(-1).contiguous()
-    losses_N = _FusedCrossEntropy.apply(logits_NV, targets_N, ignore_index, block)
+    block, warps = _launch_config(logits_NV.shape[-1], block)
+    losses_N, _, _ = _ce_rows_op(logits_NV, targets_N, ignore_index, block, warps)
     count = (targets_N != ignore_index).sum()  # on the device: no host sync
     return losses_N.sum() / count
 

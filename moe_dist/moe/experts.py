@@ -91,6 +91,8 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda" and x.dtype == torch.float32:
         return False  # the CUDA kernel is bf16/fp16 only
+    if x.dtype == torch.float32 and torch.compiler.is_compiling():
+        return False  # its fake (meta) kernel accepts bf16 only, so fp32 cannot be traced
     align = 16 // x.element_size()
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 

@@ -6,6 +6,9 @@
 * ``zero_rows_from_``: zero, in place, the rows ``[offsets[-1], N)`` of a buffer, reading the
   end from the device (no host sync) and touching only those rows. ``torch._grouped_mm``
   leaves the rows past its last offset undefined, in its output and in its input gradient.
+
+Both are ``torch.library.triton_op`` custom ops (``moe_dist::*``; SwiGLU with registered
+autograd), so ``torch.compile`` traces them without a graph break.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.library import triton_op
+
+from moe_dist.moe.kernels.launch import launcher
 
 
 @functools.cache
@@ -75,43 +81,53 @@ def swiglu_ref(h_N2F: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu_forward(h_N2F: torch.Tensor) -> torch.Tensor:
-    h = h_N2F.contiguous()
-    rows, ffn = h.shape[0], h.shape[1] // 2
-    out = torch.empty(rows, ffn, dtype=h.dtype, device=h.device)
-    if rows and ffn:
+@triton_op("moe_dist::swiglu_forward", mutates_args=())
+def _swiglu_forward_op(h_N2F: torch.Tensor) -> torch.Tensor:
+    rows, ffn = h_N2F.shape[0], h_N2F.shape[1] // 2
+    out = torch.empty(rows, ffn, dtype=h_N2F.dtype, device=h_N2F.device)
+    launch = launcher(_kernels()[0], h_N2F)
+    if launch is not None and rows and ffn:
         block = _block(ffn)
-        _kernels()[0][(rows, -(-ffn // block))](h, out, ffn, BLOCK=block)
+        launch[(rows, -(-ffn // block))](h_N2F, out, ffn, BLOCK=block)
     return out
 
 
-def swiglu_backward(h_N2F: torch.Tensor, grad_NF: torch.Tensor) -> torch.Tensor:
-    h, g = h_N2F.contiguous(), grad_NF.contiguous()
-    rows, ffn = g.shape
-    dh = torch.empty_like(h)
-    if rows and ffn:
+@triton_op("moe_dist::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(h_N2F: torch.Tensor, grad_NF: torch.Tensor) -> torch.Tensor:
+    rows, ffn = grad_NF.shape
+    dh = torch.empty_like(h_N2F)
+    launch = launcher(_kernels()[1], h_N2F)
+    if launch is not None and rows and ffn:
         block = _block(ffn)
-        _kernels()[1][(rows, -(-ffn // block))](h, g, dh, ffn, BLOCK=block)
+        launch[(rows, -(-ffn // block))](h_N2F, grad_NF, dh, ffn, BLOCK=block)
     return dh
 
 
-class SwiGLUFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_N2F):
-        if h_N2F.shape[-1] % 2:
-            raise ValueError(f"swiglu needs an even last dimension (gate|up), got {h_N2F.shape[-1]}")
-        h = h_N2F.contiguous()
-        ctx.save_for_backward(h)
-        return swiglu_forward(h)
+def swiglu_forward(h_N2F: torch.Tensor) -> torch.Tensor:
+    return _swiglu_forward_op(h_N2F.contiguous())
 
-    @staticmethod
-    def backward(ctx, grad_NF):
-        (h,) = ctx.saved_tensors
-        return swiglu_backward(h, grad_NF)
+
+def swiglu_backward(h_N2F: torch.Tensor, grad_NF: torch.Tensor) -> torch.Tensor:
+    return _swiglu_backward_op(h_N2F.contiguous(), grad_NF.contiguous())
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, grad_NF):
+    (h,) = ctx.saved_tensors
+    return swiglu_backward(h, grad_NF)
+
+
+_swiglu_forward_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 def swiglu(h_N2F: torch.Tensor) -> torch.Tensor:
-    return SwiGLUFn.apply(h_N2F)
+    """Differentiable fused SwiGLU (custom op ``moe_dist::swiglu_forward`` with autograd)."""
+    if h_N2F.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dimension (gate|up), got {h_N2F.shape[-1]}")
+    return swiglu_forward(h_N2F)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,15 +141,22 @@ def zero_rows_from_ref(x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Ten
     return x_ND.masked_fill_((row >= offsets_E[-1]).unsqueeze(-1), 0)
 
 
+@triton_op("moe_dist::zero_rows_from_", mutates_args={"x_ND"})
+def _zero_rows_from_op(x_ND: torch.Tensor, offsets_E: torch.Tensor) -> None:
+    rows, dim = x_ND.shape
+    launch = launcher(_kernels()[2], x_ND)
+    if launch is not None and rows and dim:
+        block_r, block_d = 16, _block(dim, 256)
+        launch[(-(-rows // block_r),)](x_ND, offsets_E, offsets_E.numel(), rows, dim,
+                                       BLOCK_R=block_r, BLOCK_D=block_d)
+
+
 def zero_rows_from_(x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """In place: rows at or past ``offsets_E[-1]`` become 0. ``x_ND`` must be contiguous."""
+    """In place: rows at or past ``offsets_E[-1]`` become 0. ``x_ND`` must be contiguous.
+    The kernel is the custom op ``moe_dist::zero_rows_from_`` (declared as mutating ``x_ND``)."""
     if not x_ND.is_contiguous():
         raise ValueError("zero_rows_from_ needs a contiguous buffer")
     if offsets_E.numel() == 0:
         return x_ND.zero_()
-    rows, dim = x_ND.shape
-    if rows and dim:
-        block_r, block_d = 16, _block(dim, 256)
-        _kernels()[2][(-(-rows // block_r),)](x_ND, offsets_E, offsets_E.numel(), rows, dim,
-                                              BLOCK_R=block_r, BLOCK_D=block_d)
+    _zero_rows_from_op(x_ND, offsets_E.contiguous())
     return x_ND

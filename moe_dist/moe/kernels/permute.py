@@ -10,9 +10,11 @@ Three memory-bound primitives make up the single-device dispatch and combine:
 * ``scatter_grad``: the backward of the un-permute in one pass: for sorted row n holding
   assignment a = t*K + k, ``grad_y[n] = w[a] * g[t]`` and ``grad_w[a] = <y[n], g[t]>``.
 
-Each Triton entry point has a ``*_ref`` twin with the same signature written in plain torch;
-the autograd functions take ``use_triton`` and call one or the other, so the CPU tests run the
-same autograd code with the kernels under ``TRITON_INTERPRET=1``.
+Each Triton entry point has a ``*_ref`` twin with the same signature written in plain torch.
+The Triton paths are ``torch.library.triton_op`` custom ops (``moe_dist::*``), the permute and
+the un-permute with registered autograd, so ``torch.compile`` traces them without a graph
+break; their fake implementations are the op bodies run on fake tensors (see ``launch.py``).
+CPU tests run the same ops with the kernels under ``TRITON_INTERPRET=1``.
 
 Every kernel is deterministic (gathers only, no atomics). Shapes: T tokens, K slots,
 N = T*K sorted rows, D hidden.
@@ -21,8 +23,12 @@ N = T*K sorted rows, D hidden.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
+from torch.library import triton_op
+
+from moe_dist.moe.kernels.launch import launcher
 
 
 @functools.cache
@@ -111,6 +117,10 @@ def _check_rows(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 # ---------------------------------------------------------------------------------------------
 # gather_rows: out[n] = x[src[n]] * valid[n]
 
@@ -120,17 +130,21 @@ def gather_rows_ref(x_TD: torch.Tensor, src_N: torch.Tensor, valid_N: torch.Tens
     return out if valid_N is None else torch.where(valid_N.unsqueeze(-1), out, 0.0)
 
 
-def gather_rows(x_TD: torch.Tensor, src_N: torch.Tensor, valid_N: torch.Tensor | None = None) -> torch.Tensor:
-    x_TD = _check_rows("x_TD", x_TD)
+@triton_op("moe_dist::gather_rows", mutates_args=())
+def _gather_rows_op(x_TD: torch.Tensor, src_N: torch.Tensor, valid_N: Optional[torch.Tensor]) -> torch.Tensor:
     num_rows, dim = src_N.numel(), x_TD.shape[1]
     out = torch.empty(num_rows, dim, dtype=x_TD.dtype, device=x_TD.device)
-    if num_rows == 0 or dim == 0:
-        return out
-    block = _block_d(dim)
-    _kernels()[0][(num_rows, triton_cdiv(dim, block))](
-        x_TD, src_N.contiguous(), _flags(valid_N, src_N), out, dim,
-        HAS_VALID=valid_N is not None, BLOCK_D=block)
+    launch = launcher(_kernels()[0], x_TD)
+    if launch is not None and num_rows and dim:
+        block = _block_d(dim)
+        launch[(num_rows, triton_cdiv(dim, block))](
+            x_TD, src_N, _flags(valid_N, src_N), out, dim, HAS_VALID=valid_N is not None, BLOCK_D=block)
     return out
+
+
+def gather_rows(x_TD: torch.Tensor, src_N: torch.Tensor, valid_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of :func:`gather_rows_ref` (custom op ``moe_dist::gather_rows``, no autograd)."""
+    return _gather_rows_op(_check_rows("x_TD", x_TD), src_N.contiguous(), valid_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,21 +162,26 @@ def weighted_gather_sum_ref(y_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK
     return rows.sum(1).to(y_ND.dtype)
 
 
-def weighted_gather_sum(y_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: torch.Tensor | None = None,
-                        valid_TK: torch.Tensor | None = None) -> torch.Tensor:
-    y_ND = _check_rows("y_ND", y_ND)
+@triton_op("moe_dist::weighted_gather_sum", mutates_args=())
+def _weighted_gather_sum_op(y_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: Optional[torch.Tensor],
+                            valid_TK: Optional[torch.Tensor]) -> torch.Tensor:
     num_tokens, top_k = inv_TK.shape
     dim = y_ND.shape[1]
     out = torch.empty(num_tokens, dim, dtype=y_ND.dtype, device=y_ND.device)
-    if num_tokens == 0 or dim == 0:
-        return out
-    block = _block_d(dim)
-    inv = inv_TK.contiguous()
-    _kernels()[1][(num_tokens, triton_cdiv(dim, block))](
-        y_ND, inv, weights_TK.contiguous() if weights_TK is not None else inv,
-        _flags(valid_TK, inv), out, dim,
-        TOP_K=top_k, HAS_W=weights_TK is not None, HAS_VALID=valid_TK is not None, BLOCK_D=block)
+    launch = launcher(_kernels()[1], y_ND)
+    if launch is not None and num_tokens and dim:
+        block = _block_d(dim)
+        launch[(num_tokens, triton_cdiv(dim, block))](
+            y_ND, inv_TK, weights_TK if weights_TK is not None else inv_TK, _flags(valid_TK, inv_TK), out, dim,
+            TOP_K=top_k, HAS_W=weights_TK is not None, HAS_VALID=valid_TK is not None, BLOCK_D=block)
     return out
+
+
+def weighted_gather_sum(y_ND: torch.Tensor, inv_TK: torch.Tensor, weights_TK: torch.Tensor | None = None,
+                        valid_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of :func:`weighted_gather_sum_ref` (op ``moe_dist::weighted_gather_sum``)."""
+    return _weighted_gather_sum_op(_check_rows("y_ND", y_ND), inv_TK.contiguous(),
+                                   None if weights_TK is None else weights_TK.contiguous(), valid_TK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,66 +204,98 @@ def scatter_grad_ref(g_TD: torch.Tensor, y_ND: torch.Tensor, order_N: torch.Tens
     return grad_y, grad_w.view_as(weights_TK)
 
 
-def scatter_grad(g_TD: torch.Tensor, y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor,
-                 valid_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    g_TD, y_ND = _check_rows("g_TD", g_TD), _check_rows("y_ND", y_ND)
+@triton_op("moe_dist::scatter_grad", mutates_args=())
+def _scatter_grad_op(g_TD: torch.Tensor, y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor,
+                     valid_N: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     num_rows, dim = y_ND.shape
     grad_y = torch.empty_like(y_ND)
     grad_w = torch.empty_like(weights_TK)
-    if num_rows == 0:
-        return grad_y, grad_w
-    block = _block_d(min(dim, 1024))
-    _kernels()[2][(num_rows,)](
-        g_TD, y_ND, order_N.contiguous(), weights_TK.contiguous(),
-        _flags(valid_N, order_N), grad_y, grad_w, dim,
-        TOP_K=weights_TK.shape[1], HAS_VALID=valid_N is not None, BLOCK_D=block)
+    launch = launcher(_kernels()[2], y_ND)
+    if launch is not None and num_rows:
+        launch[(num_rows,)](
+            g_TD, y_ND, order_N, weights_TK, _flags(valid_N, order_N), grad_y, grad_w, dim,
+            TOP_K=weights_TK.shape[1], HAS_VALID=valid_N is not None, BLOCK_D=_block_d(min(dim, 1024)))
     return grad_y, grad_w
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def scatter_grad(g_TD: torch.Tensor, y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor,
+                 valid_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`scatter_grad_ref` (op ``moe_dist::scatter_grad``)."""
+    return _scatter_grad_op(_check_rows("g_TD", g_TD), _check_rows("y_ND", y_ND), order_N.contiguous(),
+                            weights_TK.contiguous(), valid_N)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd wrappers used by moe_dist.moe.dispatch
+# Differentiable permute and weighted un-permute (custom ops with registered autograd)
 
 
-class PermuteRows(torch.autograd.Function):
-    """``x_sorted[n] = x[order[n] // K]``; backward sums each token's K rows (valid ones)."""
+@triton_op("moe_dist::permute_rows", mutates_args=())
+def _permute_rows_op(x_TD: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor,
+                     valid_TK: Optional[torch.Tensor]) -> torch.Tensor:
+    return _gather_rows_op(x_TD, order_N // inv_TK.shape[1], None)
+
+
+def _permute_rows_setup(ctx, inputs, output) -> None:
+    _, _, inv_TK, valid_TK = inputs
+    ctx.save_for_backward(inv_TK, valid_TK)
+
+
+def _permute_rows_backward(ctx, grad_ND):
+    inv_TK, valid_TK = ctx.saved_tensors
+    return weighted_gather_sum(grad_ND, inv_TK, None, valid_TK), None, None, None
+
+
+_permute_rows_op.register_autograd(_permute_rows_backward, setup_context=_permute_rows_setup)
+
+
+@triton_op("moe_dist::unpermute_weighted", mutates_args=())
+def _unpermute_weighted_op(y_ND: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor,
+                           inv_TK: torch.Tensor, valid_N: Optional[torch.Tensor],
+                           valid_TK: Optional[torch.Tensor]) -> torch.Tensor:
+    return _weighted_gather_sum_op(y_ND, inv_TK, weights_TK, valid_TK)
+
+
+def _unpermute_weighted_setup(ctx, inputs, output) -> None:
+    y_ND, weights_TK, order_N, _, valid_N, _ = inputs
+    ctx.save_for_backward(y_ND, weights_TK, order_N, valid_N)
+
+
+def _unpermute_weighted_backward(ctx, grad_TD):
+    y_ND, weights_TK, order_N, valid_N = ctx.saved_tensors
+    grad_y, grad_w = scatter_grad(grad_TD, y_ND, order_N, weights_TK, valid_N)
+    return grad_y, grad_w, None, None, None, None
+
+
+_unpermute_weighted_op.register_autograd(_unpermute_weighted_backward, setup_context=_unpermute_weighted_setup)
+
+
+class PermuteRows:
+    """``x_sorted[n] = x[order[n] // K]``; backward sums each token's K rows (valid ones).
+
+    ``use_triton``: the custom op ``moe_dist::permute_rows`` (Triton, traceable by
+    ``torch.compile``), else the torch reference with torch's own autograd.
+    """
 
     @staticmethod
-    def forward(ctx, x_TD, order_N, inv_TK, valid_TK, use_triton: bool):
-        ctx.save_for_backward(inv_TK, valid_TK)
-        ctx.has_valid = valid_TK is not None
-        ctx.use_triton = use_triton
-        top_k = inv_TK.shape[1]
-        src_N = order_N // top_k
-        return gather_rows(x_TD, src_N) if use_triton else gather_rows_ref(x_TD, src_N)
+    def apply(x_TD: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor,
+              valid_TK: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
+        if not use_triton:
+            return gather_rows_ref(x_TD, order_N // inv_TK.shape[1])
+        return _permute_rows_op(_check_rows("x_TD", x_TD), order_N.contiguous(), inv_TK.contiguous(),
+                                None if valid_TK is None else valid_TK.contiguous())
+
+
+class UnpermuteWeighted:
+    """``out[t] = sum_k w[t,k] * y[inv[t,k]]`` (valid slots only), with gradients for y and w.
+
+    ``use_triton``: the custom op ``moe_dist::unpermute_weighted``, else the torch reference.
+    """
 
     @staticmethod
-    def backward(ctx, grad_ND):
-        inv_TK, valid_TK = ctx.saved_tensors
-        valid_TK = valid_TK if ctx.has_valid else None
-        fn = weighted_gather_sum if ctx.use_triton else weighted_gather_sum_ref
-        return fn(grad_ND.contiguous(), inv_TK, None, valid_TK), None, None, None, None
-
-
-class UnpermuteWeighted(torch.autograd.Function):
-    """``out[t] = sum_k w[t,k] * y[inv[t,k]]`` (valid slots only), with gradients for y and w."""
-
-    @staticmethod
-    def forward(ctx, y_ND, weights_TK, order_N, inv_TK, valid_N, valid_TK, use_triton: bool):
-        y_ND = y_ND.contiguous()
-        ctx.save_for_backward(y_ND, weights_TK, order_N, valid_N)
-        ctx.has_valid = valid_N is not None
-        ctx.use_triton = use_triton
-        fn = weighted_gather_sum if use_triton else weighted_gather_sum_ref
-        return fn(y_ND, inv_TK, weights_TK, valid_TK)
-
-    @staticmethod
-    def backward(ctx, grad_TD):
-        y_ND, weights_TK, order_N, valid_N = ctx.saved_tensors
-        valid_N = valid_N if ctx.has_valid else None
-        fn = scatter_grad if ctx.use_triton else scatter_grad_ref
-        grad_y, grad_w = fn(grad_TD.contiguous(), y_ND, order_N, weights_TK, valid_N)
-        return grad_y, grad_w, None, None, None, None, None
+    def apply(y_ND: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor, inv_TK: torch.Tensor,
+              valid_N: torch.Tensor | None, valid_TK: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
+        if not use_triton:
+            return weighted_gather_sum_ref(y_ND, inv_TK, weights_TK, valid_TK)
+        return _unpermute_weighted_op(
+            _check_rows("y_ND", y_ND), weights_TK.contiguous(), order_N.contiguous(), inv_TK.contiguous(),
+            None if valid_N is None else valid_N.contiguous(), None if valid_TK is None else valid_TK.contiguous())

@@ -4,14 +4,19 @@ One pass over the fp32 logits ``[T, E]`` writes the softmax probabilities and th
 ``top_k`` largest (optionally bias-shifted) probabilities, in descending order like
 ``torch.topk(sorted=True)``; ties go to the lower expert id. The combine weights are gathered
 from the probabilities by the caller, so the gradient flows through the probabilities only
-(the selection has none).
+(the selection has none). The Triton path is the custom op ``moe_dist::softmax_topk`` with
+registered autograd, traceable by ``torch.compile`` without a graph break.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
+from torch.library import triton_op
+
+from moe_dist.moe.kernels.launch import launcher
 
 
 @functools.cache
@@ -56,42 +61,54 @@ def softmax_topk_ref(logits_TE: torch.Tensor, top_k: int,
     return probs, indices
 
 
-def softmax_topk_forward(logits_TE: torch.Tensor, top_k: int,
-                         bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`softmax_topk_ref` without autograd."""
+@triton_op("moe_dist::softmax_topk", mutates_args=())
+def _softmax_topk_op(logits_TE: torch.Tensor, top_k: int,
+                     bias_E: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens, num_experts = logits_TE.shape
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k ({top_k}) must be in [1, num_experts={num_experts}]")
-    logits = logits_TE.float().contiguous()
-    probs = torch.empty_like(logits)
-    indices = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
-    if num_tokens == 0:
-        return probs, indices
-    block_e = max(16, 1 << (num_experts - 1).bit_length())
-    block_t = max(1, min(64, 8192 // block_e))
-    grid = (-(-num_tokens // block_t),)
-    bias = bias_E.float().contiguous() if bias_E is not None else logits
-    _kernel()[grid](logits, bias, probs, indices, num_tokens, num_experts,
-                    TOP_K=top_k, HAS_BIAS=bias_E is not None, BLOCK_T=block_t, BLOCK_E=block_e)
+    probs = torch.empty_like(logits_TE)
+    indices = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits_TE.device)
+    launch = launcher(_kernel(), logits_TE)
+    if launch is not None and num_tokens:
+        block_e = max(16, 1 << (num_experts - 1).bit_length())
+        block_t = max(1, min(64, 8192 // block_e))
+        launch[(-(-num_tokens // block_t),)](
+            logits_TE, bias_E if bias_E is not None else logits_TE, probs, indices, num_tokens, num_experts,
+            TOP_K=top_k, HAS_BIAS=bias_E is not None, BLOCK_T=block_t, BLOCK_E=block_e)
     return probs, indices
 
 
-class _SoftmaxTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TE, top_k, bias_E):
-        probs, indices = softmax_topk_forward(logits_TE, top_k, bias_E)
-        ctx.save_for_backward(probs)
-        ctx.mark_non_differentiable(indices)
-        return probs, indices
+def _softmax_topk_setup(ctx, inputs, output) -> None:
+    probs, _ = output
+    ctx.save_for_backward(probs)
+    ctx.logits_dtype = inputs[0].dtype
 
-    @staticmethod
-    def backward(ctx, grad_probs, _grad_indices):
-        (probs,) = ctx.saved_tensors
-        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-        return grad_logits, None, None
+
+def _softmax_topk_backward(ctx, grad_probs, _grad_indices):
+    (probs,) = ctx.saved_tensors
+    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    return grad_logits.to(ctx.logits_dtype), None, None
+
+
+_softmax_topk_op.register_autograd(_softmax_topk_backward, setup_context=_softmax_topk_setup)
+
+
+def _check_top_k(logits_TE: torch.Tensor, top_k: int) -> None:
+    num_experts = logits_TE.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k ({top_k}) must be in [1, num_experts={num_experts}]")
+
+
+def softmax_topk_forward(logits_TE: torch.Tensor, top_k: int,
+                         bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`softmax_topk_ref` without autograd."""
+    with torch.no_grad():
+        return softmax_topk(logits_TE, top_k, bias_E)
 
 
 def softmax_topk(logits_TE: torch.Tensor, top_k: int,
                  bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable (through the probabilities) fused softmax + top-k."""
-    return _SoftmaxTopK.apply(logits_TE, top_k, bias_E)
+    """Differentiable (through the probabilities) fused softmax + top-k: the custom op
+    ``moe_dist::softmax_topk`` on fp32 logits (a cast is differentiated by torch)."""
+    _check_top_k(logits_TE, top_k)
+    bias = None if bias_E is None else bias_E.detach().float().contiguous()
+    return _softmax_topk_op(logits_TE.float().contiguous(), top_k, bias)
