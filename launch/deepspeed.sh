@@ -3,7 +3,7 @@
 #
 # Usage: launch/deepspeed.sh [moe-dist train arguments...]
 #   launch/deepspeed.sh --config configs/tiny.yaml train.engine=deepspeed zero.stage=2
-#   HOSTFILE=launch/hostfile.example launch/deepspeed.sh --config configs/base.yaml ...
+#   HOSTFILE=launch/hostfile.example launch/deepspeed.sh --config configs/tiny.yaml ...
 #
 # Environment:
 #   NPROC        processes per node (deepspeed --num_gpus; default: the GPUs nvidia-smi

@@ -4,7 +4,7 @@
 # Usage: launch/mpirun.sh [--oversubscribe] [--] [moe-dist train arguments...]
 #   launch/mpirun.sh --config configs/tiny.yaml
 #   NPROC=4 launch/mpirun.sh --oversubscribe -- --config configs/tiny.yaml parallel.ep=4
-#   HOSTFILE=hosts NPROC=16 launch/mpirun.sh --config configs/base.yaml
+#   HOSTFILE=hosts NPROC=16 launch/mpirun.sh --config configs/tiny.yaml
 #
 # Options (before the training arguments):
 #   --oversubscribe  allow more ranks than cores/slots (CPU tests on small machines)
