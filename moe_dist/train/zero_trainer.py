@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import Config
@@ -32,6 +31,7 @@ from moe_dist.distributed.expert_parallel import apply_ep, is_expert_param
 from moe_dist.distributed import comms
 from moe_dist.distributed.zero import build_engine
 from moe_dist.metrics import DeviceMeans
+from moe_dist.models.cross_entropy import token_cross_entropy
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.run_dir import prepare_run_dir
 from moe_dist.train.runtime import Runtime
@@ -59,7 +59,7 @@ class ZeroPlan:
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of this rank's micro-batch."""
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return token_cross_entropy(logits, targets)
 
     def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         return comms.all_reduce(tensor.clone(), "avg", self.mesh.dp_group)
