@@ -25,6 +25,15 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def resolve_repeats(args, warmup: int, iters: int) -> None:
+    """Fill ``args.warmup``/``args.iters`` left unset: the given counts at real sizes, 1 and 2
+    with ``--tiny`` (CPU tests)."""
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else warmup
+    if args.iters is None:
+        args.iters = 2 if args.tiny else iters
+
+
 def emit(record: dict) -> None:
     """One result as one JSON line on stdout."""
     print(json.dumps(record, sort_keys=True), flush=True)

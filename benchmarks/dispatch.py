@@ -22,7 +22,8 @@ import warnings
 
 import torch
 
-from benchmarks.common import emit, error_record, gpu_name, log, pick_device, reference_kernels_only, time_fwd_bwd
+from benchmarks.common import (emit, error_record, gpu_name, log, pick_device, reference_kernels_only,
+                               resolve_repeats, time_fwd_bwd)
 from benchmarks.moe_layer import SHAPES, TINY, Shape, build_moe_dist
 
 
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args(argv)
     device = pick_device()
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
-    args.iters = args.iters if args.iters is not None else (2 if args.tiny else 20)
+    resolve_repeats(args, warmup=5, iters=20)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results = []
     for name in args.shapes:

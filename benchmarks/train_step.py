@@ -21,7 +21,8 @@ import contextlib
 
 import torch
 
-from benchmarks.common import emit, error_record, gpu_name, log, pick_device, reference_kernels_only, time_call
+from benchmarks.common import (emit, error_record, gpu_name, log, pick_device, reference_kernels_only,
+                               resolve_repeats, time_call)
 from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
 from moe_dist.metrics.flops import peak_tflops, training_flops_per_token
 from moe_dist.models.transformer import Transformer
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args(argv)
     device = pick_device()
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    args.iters = args.iters if args.iters is not None else (2 if args.tiny else 10)
+    resolve_repeats(args, warmup=3, iters=10)
     size = TINY if args.tiny else FULL
     gemm = measured_gemm_tflops(device)
     results = []
