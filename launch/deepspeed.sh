@@ -24,17 +24,9 @@
 # and kills them 30 s later.
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "launch/deepspeed.sh: error: $*" >&2; exit 2; }
+SCRIPT="${BASH_SOURCE[0]}"
+. "$(dirname "$SCRIPT")/lib.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
-
-gpu_count() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
 
 # check_hostfile FILE: every non-comment line is "<host> slots=<n>" and <host> resolves.
 # DeepSpeed itself would only fail later, inside pdsh/ssh, with a less direct message.

@@ -20,8 +20,8 @@
 # --allow-run-as-root is added only when running as root (containers, CI).
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "launch/mpirun.sh: error: $*" >&2; exit 2; }
+SCRIPT="${BASH_SOURCE[0]}"
+. "$(dirname "$SCRIPT")/lib.sh"
 
 oversubscribe=0
 while [ $# -gt 0 ]; do
@@ -32,14 +32,6 @@ while [ $# -gt 0 ]; do
         *) break ;;
     esac
 done
-
-gpu_count() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
 
 PYTHON=${PYTHON:-python3}
 MPIRUN=${MPIRUN:-mpirun}

@@ -19,17 +19,9 @@
 # torchrun forwards SIGTERM/SIGINT/SIGUSR1 to the workers, which checkpoint and exit 124.
 set -euo pipefail
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "launch/torchrun.sh: error: $*" >&2; exit 2; }
+SCRIPT="${BASH_SOURCE[0]}"
+. "$(dirname "$SCRIPT")/lib.sh"
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
-
-gpu_count() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
 
 PYTHON=${PYTHON:-python3}
 NNODES=${NNODES:-1}
