@@ -7,7 +7,7 @@ from pathlib import Path
 
 from moe_dist.config import Config
 from moe_dist.train.run_dir import default_run_dir, prepare_run_dir
-from moe_dist.train.runtime import build_runtime, shutdown
+from moe_dist.train.runtime import Runtime, build_runtime, shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +29,29 @@ def run_training(cfg: Config, config_path: str | None = None, run_dir: str | Pat
             if runtime.is_logging_rank:
                 print(runtime.mesh.describe(cfg.moe.num_experts if cfg.moe.enabled else None))
             return 0
-        if cfg.train.engine == "deepspeed":
-            from moe_dist.train.zero_trainer import run as run_deepspeed
-
-            return run_deepspeed(cfg, runtime, Path(run_dir or default_run_dir(config_path)), overwrite)
-        from moe_dist.train.trainer import PREEMPTED_EXIT_CODE, Trainer
-
         directory = Path(run_dir) if run_dir else default_run_dir(config_path)
-        if runtime.is_logging_rank:
-            prepare_run_dir(directory, cfg, overwrite, is_writer=True)
-        runtime.barrier()
-        trainer = Trainer(cfg, directory, runtime)
-        result = trainer.fit()
-        if runtime.is_logging_rank:
-            logger.info("finished at step %d: loss %s, val_loss %s; run directory %s", result.final_step,
-                        _fmt(result.last_loss), _fmt(result.last_val_loss), directory)
-        return PREEMPTED_EXIT_CODE if result.preempted else 0
+        return train_in_run_dir(cfg, runtime, directory, overwrite)
     finally:
         shutdown(runtime)
+
+
+def train_in_run_dir(cfg: Config, runtime: Runtime, directory: Path, overwrite: bool) -> int:
+    """Prepare ``directory``, train with the engine ``train.engine`` names, return the exit code
+    (``PREEMPTED_EXIT_CODE`` when a signal stopped the run early)."""
+    from moe_dist.train.trainer import PREEMPTED_EXIT_CODE, Trainer
+
+    if cfg.train.engine == "deepspeed":
+        from moe_dist.train.zero_trainer import DeepSpeedTrainer as trainer_cls
+    else:
+        trainer_cls = Trainer
+    if runtime.is_logging_rank:
+        prepare_run_dir(directory, cfg, overwrite, is_writer=True)
+    runtime.barrier()
+    result = trainer_cls(cfg, directory, runtime).fit()
+    if runtime.is_logging_rank:
+        logger.info("finished at step %d (%s engine): loss %s, val_loss %s; run directory %s", result.final_step,
+                    cfg.train.engine, _fmt(result.last_loss), _fmt(result.last_val_loss), directory)
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 def _fmt(value: float | None) -> str:

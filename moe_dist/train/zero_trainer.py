@@ -33,9 +33,8 @@ from moe_dist.distributed.zero import build_engine
 from moe_dist.metrics import DeviceMeans
 from moe_dist.models.cross_entropy import token_cross_entropy
 from moe_dist.train import checkpoint as ckpt
-from moe_dist.train.run_dir import prepare_run_dir
 from moe_dist.train.runtime import Runtime
-from moe_dist.train.trainer import PREEMPTED_EXIT_CODE, Trainer, truncate_metrics
+from moe_dist.train.trainer import Trainer, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -205,20 +204,3 @@ def write_latest_pointer(final: Path) -> None:
     tmp = final.parent / f".{LATEST_FILE}.tmp"
     tmp.write_text(final.name)
     os.replace(tmp, pointer)
-
-
-# --------------------------------------------------------------------------------------------
-# Entry
-# --------------------------------------------------------------------------------------------
-
-def run(cfg: Config, runtime: Runtime, run_dir: Path, overwrite: bool) -> int:
-    """Prepare the run directory, train on the DeepSpeed engine, return the exit code."""
-    if runtime.is_logging_rank:
-        prepare_run_dir(run_dir, cfg, overwrite, is_writer=True)
-    runtime.barrier()
-    trainer = DeepSpeedTrainer(cfg, run_dir, runtime)
-    result = trainer.fit()
-    if runtime.is_logging_rank:
-        logger.info("finished at step %d (DeepSpeed ZeRO-%d): loss %s; run directory %s", result.final_step,
-                    cfg.zero.stage, "n/a" if result.last_loss is None else f"{result.last_loss:.4f}", run_dir)
-    return PREEMPTED_EXIT_CODE if result.preempted else 0

@@ -1,4 +1,4 @@
-"""DeepSpeed engine end to end on 2 gloo ranks (ZeRO-2, ep=2): ``zero_trainer.run`` trains a tiny
+"""DeepSpeed engine end to end on 2 gloo ranks (ZeRO-2, ep=2): ``train_in_run_dir`` with train.engine=deepspeed trains a tiny
 MoE LM on the bundled corpus, checkpoints through ``engine.save_checkpoint``, and a second run
 resumed from the step-2 checkpoint logs the same losses for steps 3 and 4 as the first run.
 
@@ -41,7 +41,7 @@ def resume_round_trip(rank: int, world_size: int, run_dir: str, cache_dir: str) 
     from moe_dist.config import load_config
     from moe_dist.distributed.launch_env import LaunchEnv
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.train.zero_trainer import run
+    from moe_dist.train.entry import train_in_run_dir
     from moe_dist.train.runtime import Runtime
 
     skip_shm_build()
@@ -50,7 +50,7 @@ def resume_round_trip(rank: int, world_size: int, run_dir: str, cache_dir: str) 
     env = LaunchEnv(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size, node_rank=0,
                     master_addr="127.0.0.1", master_port=29500, launcher="torchrun")
     runtime = Runtime(env, build_mesh(cfg, world_size, "cpu"), torch_device())
-    assert run(cfg, runtime, run_path, overwrite=False) == 0
+    assert train_in_run_dir(cfg, runtime, run_path, overwrite=False) == 0
     dist.barrier()
     out: dict = {}
     if rank == 0:
@@ -63,7 +63,7 @@ def resume_round_trip(rank: int, world_size: int, run_dir: str, cache_dir: str) 
     # A second run on the same process group and mesh, resumed from the step-2 checkpoint.
     resumed = load_config(None, TINY + [f"data.cache_dir={cache_dir}",
                                         f"checkpoint.resume={run_path / 'checkpoints' / 'step_00000002'}"])
-    assert run(resumed, runtime, run_path, overwrite=False) == 0
+    assert train_in_run_dir(resumed, runtime, run_path, overwrite=False) == 0
     dist.barrier()
     if rank == 0:
         out["second"] = _losses(run_path)
