@@ -32,7 +32,7 @@ OWNER_TAG="# written by moe_dist slurm/local/start.sh"
 HOSTS_TAG="# moe_dist local slurm nodes"
 T0=$SECONDS
 
-say() { echo "[slurm-local] $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"
 fail() { say "ERROR: $*"; exit 1; }
 
 usage() {
@@ -157,25 +157,6 @@ rendered="$DIR/slurm.conf.rendered"
 } > "$rendered"
 
 # ------------------------------------------------------------------ 5. daemons
-running() {  # running PIDFILE COMM: the pid file names a live process called COMM
-    [ -s "$1" ] || return 1
-    local pid
-    pid=$(cat "$1")
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
-}
-halt() {  # halt PIDFILE COMM: SIGTERM, up to 10 s grace, then SIGKILL
-    if running "$1" "$2"; then
-        local pid
-        pid=$(cat "$1")
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-        if [ -d "/proc/$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]; then
-            say "$2 (pid $pid) ignored SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    rm -f "$1"
-}
 
 fresh_state=""
 restart=$JUST_INSTALLED   # daemons that predate an install (say of libpmix-dev) must restart

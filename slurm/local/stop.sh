@@ -15,7 +15,7 @@ OWNER_TAG="# written by moe_dist slurm/local/start.sh"
 HOSTS_TAG="# moe_dist local slurm nodes"
 T0=$SECONDS
 
-say() { echo "[slurm-local] $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 purge=0
@@ -27,26 +27,6 @@ case "${1:-}" in
 esac
 [ "$(id -u)" -eq 0 ] || { say "ERROR: must run as root"; exit 1; }
 
-running() {  # running PIDFILE COMM
-    [ -s "$1" ] || return 1
-    local pid
-    pid=$(cat "$1")
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
-}
-halt() {  # halt PIDFILE COMM: SIGTERM, up to 10 s grace, then SIGKILL
-    if running "$1" "$2"; then
-        local pid
-        pid=$(cat "$1")
-        say "stopping $2 (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-        if [ -d "/proc/$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]; then
-            say "$2 (pid $pid) ignored SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    rm -f "$1"
-}
 
 # 1. jobs first, so that their slurmstepd processes end cleanly
 if running "$DIR/run/slurmctld.pid" slurmctld; then
