@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from benchmarks.common import emit, gpu_name, time_call
 from moe_dist.distributed import comms
-from moe_dist.distributed.expert_parallel import AllToAllDispatcher
+from moe_dist.moe.dispatch.all_to_all import AllToAllDispatcher
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

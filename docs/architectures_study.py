@@ -52,7 +52,7 @@ def run_one(name: str, out: Path, steps: int, extra: list[str]) -> dict:
     model_cfg = cfg.model
     model_cfg.vocab_size = model_cfg.vocab_size or 256
     from moe_dist.metrics.flops import training_flops_per_token
-    from moe_dist.models.transformer import build_model
+    from moe_dist.models.registry import build_model
 
     model = build_model(model_cfg, cfg.moe)
     flops = training_flops_per_token(model_cfg, cfg.moe, cfg.data.seq_len, model=model, vocab_size=256)

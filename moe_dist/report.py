@@ -168,7 +168,7 @@ def count_model(cfg: Config, measured_k: float | None) -> tuple[int | None, int 
     import torch
 
     from moe_dist.metrics.flops import training_flops_per_token
-    from moe_dist.models.transformer import build_model
+    from moe_dist.models.registry import build_model
     from moe_dist.moe.experts import GroupedExperts
 
     model_cfg = copy.deepcopy(cfg.model)

@@ -30,7 +30,7 @@ Checks
 * :func:`verify_coverage` after every save: each tensor's chunks must tile its global shape
   exactly (inside the bounds, no overlaps, no gaps) and each chunk must have stored bytes, so
   every expert and its optimizer slots were written exactly once. It raises
-  :class:`~moe_dist.train.checkpoint.CheckpointError` naming the tensor otherwise.
+  :class:`CheckpointError` naming the tensor otherwise.
 * :func:`check_fits` before every load: a tensor missing from the checkpoint, an unexpected one,
   or a different global shape is an error naming the tensor and both shapes.
 """
@@ -51,13 +51,17 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
-from moe_dist.distributed.expert_parallel import is_expert_param, moe_layers
 from moe_dist.distributed.mesh import ParallelMesh
-from moe_dist.distributed.tensor_parallel import TP_SHARDED, tp_shard_dim
-from moe_dist.train.checkpoint import CheckpointError
+from moe_dist.distributed.param_tags import expert_offset, is_expert_param, is_tp_sharded, tp_shard_dim
 
 MODEL = "model"
 OPTIM = "optim"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
 _MAX_LISTED = 20
 
 
@@ -81,7 +85,7 @@ def shard_spec(param: torch.Tensor, mesh: ParallelMesh) -> ShardSpec | None:
     """The sharding of a parameter on this mesh; None when it is replicated."""
     if is_expert_param(param) and mesh.ep_size > 1:
         return ShardSpec("ep", 0, mesh.ep_rank, mesh.ep_size)
-    if getattr(param, TP_SHARDED, False) and mesh.tp_size > 1:
+    if is_tp_sharded(param) and mesh.tp_size > 1:
         dim = tp_shard_dim(param)
         assert dim is not None, "a tp-sharded parameter records its shard dim"
         return ShardSpec("tp", dim, mesh.tp_rank, mesh.tp_size)
@@ -89,14 +93,16 @@ def shard_spec(param: torch.Tensor, mesh: ParallelMesh) -> ShardSpec | None:
 
 
 def _check_expert_offsets(model: nn.Module, mesh: ParallelMesh) -> None:
-    """DCP places block r at offset r*L; the experts must really be laid out that way."""
-    for layer in moe_layers(model):
-        experts = layer.experts
-        expected = mesh.ep_rank * experts.num_experts if mesh.ep_size > 1 else 0
-        if getattr(experts, "expert_offset", 0) != expected:
-            raise CheckpointError(f"experts of an MoE layer start at global id {experts.expert_offset}, "
+    """DCP places block r at offset r*rows; every expert shard must really be laid out that way."""
+    for name, param in model.named_parameters():
+        if not is_expert_param(param):
+            continue
+        rows = param.shape[0]
+        expected = mesh.ep_rank * rows if mesh.ep_size > 1 else 0
+        if expert_offset(param) != expected:
+            raise CheckpointError(f"expert shard {name} starts at global row {expert_offset(param)}, "
                                   f"but ep rank {mesh.ep_rank} of {mesh.ep_size} should hold "
-                                  f"[{expected}, {expected + experts.num_experts}); apply_ep's slicing "
+                                  f"[{expected}, {expected + rows}); apply_ep's slicing "
                                   "and the checkpoint layout disagree")
 
 

@@ -45,18 +45,12 @@ import torch
 from torch import nn
 
 from moe_dist.distributed import comms
-from moe_dist.distributed.expert_parallel import is_expert_param
-from moe_dist.distributed.tensor_parallel import TP_SHARDED, is_tp_partial_grad
+from moe_dist.distributed.param_tags import is_expert_param, is_tp_partial_grad, is_tp_sharded
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
     from moe_dist.distributed.mesh import ParallelMesh
-
-
-def is_tp_sharded(param: torch.Tensor) -> bool:
-    """A dense parameter split over the tp group (its norm is summed over tp)."""
-    return bool(getattr(param, TP_SHARDED, False))
 
 
 @dataclass(eq=False)

@@ -16,12 +16,11 @@ import atexit
 import queue
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from moe_dist.metrics.sink import MetricsSink
+from moe_dist.metrics.protocol import MetricsSink
 
 _STOP = object()
 

@@ -22,7 +22,7 @@ This module imports no ``torch.distributed``: the trainer passes
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from moe_dist.metrics.sink import MetricsLogger, MetricsSink
+from moe_dist.moe.reduction import ReduceFn, reduce_with
 from moe_dist.moe.stats import ExpertLoadStats
-
-ReduceFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 HEATMAP_TAG = "moe/load_heatmap"
 
@@ -159,10 +158,7 @@ class ExpertLoadTracker:
         tokens = torch.stack([stats.tokens.detach().reshape(()) for stats in self.stats_modules])
         stacked = torch.cat([padded("routed"), padded("kept"), tokens[:, None]], dim=1).to(torch.float64)
         # 2. One reduction over the group.
-        if self.reduce_fn is not None:
-            result = self.reduce_fn(stacked)
-            if isinstance(result, torch.Tensor):
-                stacked = result
+        stacked = reduce_with(stacked, self.reduce_fn)
         # 3. Reset the device counters for the next window (the stack above is a copy; queued
         #    before the sync so that these launches overlap the reduce).
         for stats in self.stats_modules:

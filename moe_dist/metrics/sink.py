@@ -22,12 +22,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 
 from moe_dist.metrics.background import BackgroundSink
+from moe_dist.metrics.protocol import MetricsSink
 
 ScalarLike = float | int | torch.Tensor
 
@@ -48,23 +49,6 @@ JSONL_KEYS: dict[str, str] = {
 JSONL_FILENAME = "metrics.jsonl"
 _HISTOGRAM_BINS = 32
 TENSORBOARD_SUBDIR = "tb"
-
-
-@runtime_checkable
-class MetricsSink(Protocol):
-    """A destination for metrics. Steps are optimizer steps; tags are TensorBoard tags."""
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None: ...
-
-    def histogram(self, step: int, tag: str, values: np.ndarray) -> None: ...
-
-    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None: ...
-
-    def text(self, tag: str, text: str) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class NullSink:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from moe_dist.config import ConfigError, MHMoEConfig, MoEConfig
-from moe_dist.models.registry import ArchTransformer, moe_layer_flops
+from moe_dist.models.arch_base import ArchTransformer, moe_layer_flops
 from moe_dist.moe.layer import MoELayer
 
 SWIGLU_MATMULS = 3

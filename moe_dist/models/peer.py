@@ -18,7 +18,7 @@ The layer output is the sum over heads. No balancing loss.
 Memory: only the retrieved rows are gathered ([T, h*k, D] for u and for v); nothing of size
 N x D is ever built besides the tables themselves and their gradients. Row retrieval goes
 through ``self.table_lookup`` -- :class:`LocalTableLookup` here, or the expert-parallel lookup of
-``moe_dist.distributed.peer_parallel`` that fetches rows from the rank owning them (this file
+``moe_dist.models.arch_parallel`` that fetches rows from the rank owning them (this file
 imports no torch.distributed).
 
 Expert-load stats count retrievals per first sub-key ``a`` (n buckets of n experts each), so
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import ConfigError, PEERConfig
-from moe_dist.models.registry import ArchTransformer
+from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.moe.stats import ExpertLoadStats
 
 

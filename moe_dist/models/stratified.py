@@ -7,7 +7,7 @@ state s_t, initially 0. Each pass:
 
 1. the stratum to process is the lowest one holding a pending token (s_t < L). The per-stratum
    pending counts go through the injectable ``agree_stratum`` hook -- a MAX all-reduce over the
-   expert-parallel group, installed by ``moe_dist.distributed.peer_parallel`` -- so every rank
+   expert-parallel group, installed by ``moe_dist.models.arch_parallel`` -- so every rank
    picks the same stratum and runs the same number of all-to-all dispatches (a rank with no
    token at stratum l joins with zero rows), and fixed capacities use the group's largest
    count, so they agree too;
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import ConfigError, MoEConfig, StratifiedConfig
-from moe_dist.models.registry import ArchTransformer
+from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.transformer import RMSNorm
 from moe_dist.moe import capacity as cap
 from moe_dist.moe.layer import MoELayer

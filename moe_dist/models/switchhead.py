@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import ConfigError, MoEConfig, SwitchHeadConfig
-from moe_dist.models.registry import ArchTransformer
+from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.transformer import apply_rotary, rotary_tables
-from moe_dist.moe.dispatch import PermuteState, permute, unpermute
+from moe_dist.moe.dispatch.permutation import PermuteState, permute, unpermute
 from moe_dist.moe.experts import grouped_matmul
 from moe_dist.moe.layer import MoELayer
 from moe_dist.moe.stats import ExpertLoadStats

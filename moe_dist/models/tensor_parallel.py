@@ -13,7 +13,7 @@ What is sharded (W = tp size, r = tp rank)::
     dense SwiGLU    w1/w3 rows (column);                     w2 columns (row)
     output head     vocab rows (column); logits all-gathered along the vocab (default) or left
                     sharded for :func:`vocab_parallel_cross_entropy`
-    RMSNorm, MoE    not sharded (MoE experts are sharded over ep, see expert_parallel.py)
+    RMSNorm, MoE    not sharded (MoE experts are sharded over ep, see models/expert_parallel.py)
 
 Activations are ``[B, S, D]``; sequence parallelism splits dim 1 (S). With ``sequence_parallel``
 the residual stream between regions is the local slice ``[B, S/W, D]``::
@@ -29,7 +29,8 @@ whose backward all-reduces and end with an all-reduce. An MoE layer then keeps o
 S/W slice of its input, routes it, and all-gathers its output, so the tp ranks of one replica
 route disjoint tokens in both modes (nothing is computed or counted twice).
 
-Gradient ownership (what data_parallel.py must do after backward):
+Gradient ownership (what distributed/grad_sync.py does after backward, from the tags of
+distributed/param_tags.py):
 
 * ``param._tp_sharded = True`` (with ``_tp_shard_dim`` 0 or 1): a shard; its gradient is
   complete. Reduce over dp only; sum its squared norm over tp.
@@ -37,9 +38,9 @@ Gradient ownership (what data_parallel.py must do after backward):
   tokens, so the gradient is this rank's part: **sum it over the tp group** (then average over
   dp as usual). Marked: every RMSNorm weight with sequence parallelism; the router and shared
   experts of every MoE layer in both modes.
-  ``data_parallel.GradReducer`` does that sum.
+  ``grad_sync.GradReducer`` does that sum.
 * Expert parameters (``GroupedExperts``) get neither mark: tp ranks route disjoint tokens, and the
-  sum over edp divided by dp that data_parallel.py already applies covers them (edp spans tp).
+  sum over edp divided by dp that grad_sync.py already applies covers them (edp spans tp).
 
 Router losses are made exact too: each rank's balancing losses are replaced by its *share* of
 the losses over all tokens of the tp group (their sum over tp is the single-process loss, so
@@ -61,9 +62,12 @@ from torch import nn
 
 from moe_dist.config import ParallelConfig
 from moe_dist.distributed import comms
+from moe_dist.distributed.param_tags import is_tp_sharded, mark_tp_partial_grad, mark_tp_shard
 from moe_dist.models.transformer import Transformer
 from moe_dist.moe.layer import MoELayer
-from moe_dist.moe.router import RoutingResult, TopKRouter
+from moe_dist.moe.routing import balance
+from moe_dist.moe.routing.result import RoutingResult
+from moe_dist.moe.routing.top_k import TopKRouter
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -71,24 +75,11 @@ if TYPE_CHECKING:
     from moe_dist.distributed.mesh import ParallelMesh
 
 SEQ_DIM = 1  # activations are [B, S, D]
-TP_SHARDED = "_tp_sharded"
-TP_SHARD_DIM = "_tp_shard_dim"
-TP_PARTIAL_GRAD = "_tp_partial_grad"
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter marks
+# Parameter shards (tagged for distributed/param_tags.py)
 # --------------------------------------------------------------------------------------------
-
-def is_tp_partial_grad(param: torch.Tensor) -> bool:
-    """Replicated over tp, gradient partial per tp rank: sum it over the tp group."""
-    return bool(getattr(param, TP_PARTIAL_GRAD, False))
-
-
-def tp_shard_dim(param: torch.Tensor) -> int | None:
-    """The dim along which this parameter is split over tp, or None if it is not split."""
-    return getattr(param, TP_SHARD_DIM, None)
-
 
 def _shard(weight: torch.Tensor, dim: int, rank: int, size: int, what: str) -> nn.Parameter:
     if weight.shape[dim] % size != 0:
@@ -96,8 +87,7 @@ def _shard(weight: torch.Tensor, dim: int, rank: int, size: int, what: str) -> n
                          f"parallel.tp ({size}); choose tp dividing it")
     shard = nn.Parameter(weight.detach().chunk(size, dim=dim)[rank].clone(),
                          requires_grad=weight.requires_grad)
-    setattr(shard, TP_SHARDED, True)
-    setattr(shard, TP_SHARD_DIM, dim)
+    mark_tp_shard(shard, dim)
     return shard
 
 
@@ -281,7 +271,7 @@ class GroupRouterLosses:
         want_seq = isinstance(router, TopKRouter) and "seq_aux_loss" in result.losses and bool(seq_len)
         stats = [torch.tensor([num_tokens], device=scores_TE.device), result.tokens_per_expert]
         if want_seq:
-            stats.append(_per_sequence_counts(result.indices, num_experts, seq_len).flatten())
+            stats.append(balance.per_sequence_counts(result.indices, num_experts, seq_len).flatten())
         stats_global = comms.all_reduce(torch.cat([s.to(torch.int64) for s in stats]), "sum", self.group)
         total_tokens = stats_global[0].to(scores_TE.dtype)
         token_share = num_tokens / total_tokens
@@ -292,15 +282,12 @@ class GroupRouterLosses:
         cfg, top_k = router.cfg, result.top_k
         if "aux_loss" in result.losses:
             probs_TE = scores_TE if cfg.type != "sigmoid_topk" else scores_TE / scores_TE.sum(-1, keepdim=True)
-            f_E = stats_global[1:1 + num_experts].to(scores_TE.dtype) / (total_tokens * top_k)
-            shares["aux_loss"] = cfg.aux_loss_coef * num_experts * torch.dot(f_E, probs_TE.sum(0) / total_tokens)
+            shares["aux_loss"] = cfg.aux_loss_coef * balance.switch_aux_loss(
+                probs_TE, stats_global[1:1 + num_experts], top_k, total_tokens=total_tokens)
         if want_seq:
-            num_seqs = num_tokens // seq_len
-            full_len = seq_len * self.size
-            counts_BE = stats_global[1 + num_experts:].view(num_seqs, num_experts).to(scores_TE.dtype)
-            s_BSE = (scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)).view(num_seqs, seq_len, -1)
-            f_BE = counts_BE * num_experts / (top_k * full_len)
-            shares["seq_aux_loss"] = cfg.seq_aux_loss_coef * (f_BE * s_BSE.sum(1) / full_len).sum(-1).mean()
+            counts_BE = stats_global[1 + num_experts:].view(num_tokens // seq_len, num_experts)
+            shares["seq_aux_loss"] = cfg.seq_aux_loss_coef * balance.sequence_aux_loss(
+                scores_TE, result.indices, seq_len, global_counts_BE=counts_BE, global_seq_len=seq_len * self.size)
         return shares
 
     def _with_group_total(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -308,13 +295,6 @@ class GroupRouterLosses:
         local = torch.stack([shares[n].detach().float() for n in names])
         total = comms.all_reduce(local.clone(), "sum", self.group)
         return {n: shares[n] + (total[i] - local[i]).to(shares[n].dtype) for i, n in enumerate(names)}
-
-
-def _per_sequence_counts(indices_TK: torch.Tensor, num_experts: int, seq_len: int) -> torch.Tensor:
-    num_seqs = indices_TK.shape[0] // seq_len
-    counts_BE = torch.zeros(num_seqs, num_experts, dtype=torch.int64, device=indices_TK.device)
-    flat = indices_TK.reshape(num_seqs, -1)
-    return counts_BE.scatter_add_(1, flat, torch.ones_like(flat))
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +376,7 @@ def _mark_partial_grads(model: Transformer, sequence_parallel: bool) -> None:
     moe_params = {id(p) for _, moe in model.moe_layers() for p in moe.parameters()}
     expert_params = {id(p) for _, moe in model.moe_layers() for p in moe.experts.parameters()}
     for param in model.parameters():
-        if getattr(param, TP_SHARDED, False) or id(param) in expert_params:
+        if is_tp_sharded(param) or id(param) in expert_params:
             continue
         if sequence_parallel or id(param) in moe_params:
-            setattr(param, TP_PARTIAL_GRAD, True)
+            mark_tp_partial_grad(param)

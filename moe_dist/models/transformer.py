@@ -139,12 +139,3 @@ class Transformer(nn.Module):
                 totals[name] = totals[name] + value if name in totals else value
         logits = self.output(self.norm(h))
         return ModelOutput(logits, totals)
-
-
-def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> nn.Module:
-    """The model family named by ``model.arch``."""
-    if model_cfg.arch == "transformer":
-        return Transformer(model_cfg, moe_cfg)
-    from moe_dist.models import registry  # seed architectures
-
-    return registry.build(model_cfg, moe_cfg)

@@ -26,15 +26,14 @@ them through :func:`capacity_metrics` for logging.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from moe_dist.config import CapacityConfig
 from moe_dist.moe import capacity as cap
+from moe_dist.moe.reduction import ReduceFn, reduce_with
 
-ReduceFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 MIN_CAPACITY_FACTOR = 0.1
 """Floor of the controller's factor (a factor near 0 would drop almost everything)."""
 
@@ -49,19 +48,12 @@ def dropped_assignments(tokens_per_expert_E: torch.Tensor, capacity: int) -> tor
     return (tokens_per_expert_E - capacity).clamp_min(0).sum()
 
 
-def _reduce(tensor: torch.Tensor, reduce_fn: ReduceFn | None) -> torch.Tensor:
-    if reduce_fn is None:
-        return tensor
-    reduced = reduce_fn(tensor)
-    return tensor if reduced is None else reduced
-
-
 def dynamic_capacity(tokens_per_expert_E: torch.Tensor, bound: int | None,
                      reduce_max_fn: ReduceFn | None = None) -> int:
     """``min(max over ranks of max_e count_e, bound)`` as a host int (at least 1)."""
     busiest = tokens_per_expert_E.max().reshape(1).clone() if tokens_per_expert_E.numel() else \
         tokens_per_expert_E.new_zeros(1)
-    busiest = _reduce(busiest, reduce_max_fn)
+    busiest = reduce_with(busiest, reduce_max_fn)
     needed = max(int(busiest.item()), 1)  # NOTE: device-to-host sync (sizes this step's buffers)
     return needed if bound is None else min(needed, bound)
 
@@ -159,7 +151,7 @@ def update_capacity_states(model: nn.Module, reduce_fn: ReduceFn | None = None) 
     if not states:
         return
     counts = torch.stack([torch.stack([s.step_routed, s.step_dropped]) for s in states])  # [L, 2]
-    counts = _reduce(counts, reduce_fn)
+    counts = reduce_with(counts, reduce_fn)
     for state, (routed, dropped) in zip(states, counts):
         state.apply_step(routed, dropped)
 

@@ -14,10 +14,14 @@ from torch import nn
 
 from moe_dist.config import MoEConfig
 from moe_dist.moe import capacity as cap
+from moe_dist.moe import capacity_dynamic
 from moe_dist.moe.capacity_dynamic import CapacityState
-from moe_dist.moe.dispatch import LocalDispatcher
+from moe_dist.moe.dispatch.local import LocalDispatcher
+from moe_dist.moe.dispatch.permutation import count_per_expert
+from moe_dist.moe.dispatch.protocol import Dispatcher
 from moe_dist.moe.experts import GroupedExperts
-from moe_dist.moe.router import RoutingResult, build_router
+from moe_dist.moe.routing.factory import build_router
+from moe_dist.moe.routing.result import RoutingResult
 from moe_dist.moe.stats import ExpertLoadStats
 
 
@@ -54,7 +58,7 @@ class MoELayer(nn.Module):
                                if cfg.capacity.policy in ("dynamic", "controller") else None)
         self.capacity_reduce_fn = None
 
-    def set_dispatcher(self, dispatcher) -> None:
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
     def capacity_for(self, num_tokens: int, top_k: int,
@@ -68,8 +72,6 @@ class MoELayer(nn.Module):
         factor = policy.capacity_factor if self.training else policy.eval_capacity_factor
         if policy.policy == "fixed":
             return cap.expert_capacity(num_tokens, self.num_experts, top_k, factor)
-        from moe_dist.moe import capacity_dynamic  # dynamic / controller policies
-
         return capacity_dynamic.capacity_for(self, num_tokens, top_k, tokens_per_expert)
 
     def route(self, x_TD: torch.Tensor, seq_len: int | None) -> RoutingResult:
@@ -102,5 +104,5 @@ class MoELayer(nn.Module):
             kept = routing.tokens_per_expert
         else:
             experts = torch.where(routing.valid, routing.indices, self.num_experts)
-            kept = torch.bincount(experts.flatten(), minlength=self.num_experts + 1)[:self.num_experts]
+            kept = count_per_expert(experts.flatten(), self.num_experts + 1)[:self.num_experts]
         self.stats.update(routing.tokens_per_expert, kept, routing.num_tokens)

@@ -27,12 +27,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from moe_dist.distributed.checkpoint import CheckpointError  # one error for files and DCP payloads
+
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not fit the model."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:

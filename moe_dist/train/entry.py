@@ -38,12 +38,12 @@ def run_training(cfg: Config, config_path: str | None = None, run_dir: str | Pat
 def train_in_run_dir(cfg: Config, runtime: Runtime, directory: Path, overwrite: bool) -> int:
     """Prepare ``directory``, train with the engine ``train.engine`` names, return the exit code
     (``PREEMPTED_EXIT_CODE`` when a signal stopped the run early)."""
-    from moe_dist.train.trainer import PREEMPTED_EXIT_CODE, Trainer
+    from moe_dist.train.trainer import PREEMPTED_EXIT_CODE
 
-    if cfg.train.engine == "deepspeed":
-        from moe_dist.train.zero_trainer import DeepSpeedTrainer as trainer_cls
+    if cfg.train.engine == "deepspeed":  # imported only when chosen: deepspeed is slow to import
+        from moe_dist.train.engines.deepspeed import DeepSpeedTrainer as trainer_cls
     else:
-        trainer_cls = Trainer
+        from moe_dist.train.engines.native import NativeTrainer as trainer_cls
     if runtime.is_logging_rank:
         prepare_run_dir(directory, cfg, overwrite, is_writer=True)
     runtime.barrier()

@@ -1,9 +1,5 @@
-"""Where the trainer meets the hardware and the launcher: device, process groups, mesh and the
-parallel plan.
-
-The trainer talks to a *plan* with one small interface (gradient sync, clipping, loss,
-reductions, checkpoint payloads). :class:`LocalPlan` is the single-process plan; the
-distributed one comes from ``moe_dist.distributed.parallelize``. Both are built here so the
+"""Where the trainer meets the hardware and the launcher: device, process groups, mesh, the
+collective watchdog, and the native engine's plan (``moe_dist.train.plan``), chosen here so the
 trainer never branches on the world size.
 """
 
@@ -12,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,53 +16,12 @@ from torch import nn
 from moe_dist.config import Config, ConfigError, validate
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
-from moe_dist.models.cross_entropy import token_cross_entropy
+from moe_dist.train.plan import GradientPlan, LocalPlan, parallelize
 
 if TYPE_CHECKING:
     from moe_dist.distributed.agreement import CollectiveWatchdog
 
 logger = logging.getLogger(__name__)
-
-
-class LocalPlan:
-    """Single process: every reduction is the identity."""
-
-    def no_sync(self):
-        return contextlib.nullcontext()
-
-    def finish_gradient_sync(self) -> None:
-        pass
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=False)
-
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return token_cross_entropy(logits, targets)  # fused on CUDA; F.cross_entropy in fp32 elsewhere
-
-    def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    sum_over_token_ranks = None  # expert-load counters need no reduction
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        from moe_dist.moe.balance import update_selection_bias_from_stats
-
-        update_selection_bias_from_stats(model, reduce_fn=None)
-
-    # The same DCP format as every distributed layout, so checkpoints move between them.
-    def save_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer) -> None:
-        from moe_dist.distributed import checkpoint as dist_checkpoint
-
-        dist_checkpoint.save_model_and_optimizer(directory, model, optimizer, ParallelMesh.single())
-
-    def load_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer) -> None:
-        from moe_dist.distributed import checkpoint as dist_checkpoint
-
-        dist_checkpoint.load_model_and_optimizer(directory, model, optimizer, ParallelMesh.single())
-
-    def attach(self, model: nn.Module) -> LocalPlan:
-        self.model = model
-        return self
 
 
 @dataclass
@@ -105,11 +59,10 @@ class Runtime:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(comms.all_reduce(value, "max", comms.world_group()).item() > 0)
 
-    def parallelize(self, model: nn.Module, cfg: Config):
+    def parallelize(self, model: nn.Module, cfg: Config) -> GradientPlan:
+        """The native engine's plan: the identity alone, TP/EP + gradient hooks on a mesh."""
         if not self.distributed:
-            return LocalPlan().attach(model)
-        from moe_dist.distributed.parallelize import parallelize
-
+            return LocalPlan(model)
         return parallelize(model, self.mesh, cfg, record=self.watchdog.record if self.watchdog else None)
 
     def guard(self, what: str) -> contextlib.AbstractContextManager[None]:

@@ -24,10 +24,8 @@ from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
 from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress,
                               build_sinks)
 from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
-from moe_dist.models.transformer import build_model
-from moe_dist.moe import adaptive, routing_state
-from moe_dist.train import checkpoint as ckpt
-from moe_dist.train.optim import build_optimizer, build_scheduler
+from moe_dist.models.registry import build_model
+from moe_dist.moe.routing import state as routing_state
 from moe_dist.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -44,6 +42,10 @@ class FitResult:
 
 
 class Trainer:
+    """What both engines share: data, model, validation, metrics, the loop and preemption. The
+    engine (``train/engines/native.py`` or ``deepspeed.py``) provides parallelism, the step and
+    checkpoints."""
+
     def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -82,51 +84,22 @@ class Trainer:
         self.peak_tflops = resolve_peak_tflops(cfg.log.peak_tflops, self.device)
         self.step = 0
 
+    # ------------------------------------------------------------------ what each engine provides
     def _configure_parallelism(self) -> None:
-        """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model`` (the DeepSpeed
-        trainer in ``moe_dist.train.zero_trainer`` overrides this)."""
-        self.plan = self.rt.parallelize(self.model, self.cfg)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
+        """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model``."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_payload(self) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                "rng": ckpt.rng_state(), "data": {"next_step": self.step, "seed": self.cfg.data.seed},
-                "config": self.cfg.to_dict()}
+    def train_step(self, means: DeviceMeans) -> None:
+        """One optimizer step over ``accum_steps`` micro-batches; adds the step's means."""
+        raise NotImplementedError
 
     def save(self) -> Path:
-        def write(directory: Path) -> None:
-            self.plan.save_model_and_optimizer(directory, self.model, self.optimizer)
-            if self.rt.is_logging_rank:
-                ckpt.torch_save(self.state_payload(), directory / "trainer.pt")
-                (directory / "config.yaml").write_text(self.cfg.to_yaml())
-
-        with self.throughput.paused():
-            self.metrics.flush()  # metrics.jsonl holds every step up to this checkpoint
-            return ckpt.save_checkpoint(self.run_dir, self.step, write, self.cfg.checkpoint.keep_last,
-                                        is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
+        """Write a checkpoint of this step atomically; return its directory."""
+        raise NotImplementedError
 
     def maybe_resume(self) -> None:
-        directory = ckpt.resolve_resume(self.run_dir, self.cfg.checkpoint.resume)
-        if directory is None:
-            return
-        self.plan.load_model_and_optimizer(directory, self.model, self.optimizer)
-        state = ckpt.load_file(directory, "trainer.pt")
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_configured_lr()
-        ckpt.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        if self.rt.is_logging_rank:
-            truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
-        logger.info("resumed from %s at step %d", directory, self.step)
-
-    def _apply_configured_lr(self) -> None:
-        """The config, not the checkpoint, sets the schedule's peak: a run resumed with another
-        train.lr continues on the new schedule at the same step (a no-op when lr is unchanged)."""
-        self.scheduler.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-            group["lr"] = lr
+        """Load the checkpoint ``checkpoint.resume`` selects, if any."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ steps
     def _batch(self, indices: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,30 +114,6 @@ class Trainer:
         router_losses = {name: value.float() for name, value in output.losses.items()}
         total = lm_loss + sum(router_losses.values()) if router_losses else lm_loss
         return total, lm_loss, router_losses
-
-    def train_step(self, means: DeviceMeans) -> None:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        for micro in range(self.accum_steps):
-            indices = self.sampler.micro_batch_indices(self.step, self.rt.mesh.dp_rank, self.rt.mesh.dp_size,
-                                                       micro, self.cfg.train.micro_batch_size)
-            inputs, targets = self._batch(indices, "train")
-            is_last = micro == self.accum_steps - 1
-            with (contextlib.nullcontext() if is_last else self.plan.no_sync()):
-                total, lm_loss, router_losses = self._forward_loss(inputs, targets)
-                (total / self.accum_steps).backward()
-            means.add({"train/loss": total, "train/lm_loss": lm_loss,
-                       **{f"train/{name}": value for name, value in router_losses.items()}})
-        self.plan.finish_gradient_sync()
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = self.plan.clip_grad_norm_(max_norm)
-        means.add({"train/grad_norm": grad_norm})
-        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-        self.optimizer.step()
-        self.scheduler.step()
-        self.plan.after_optimizer_step(self.model)
-        adaptive.reset_pending_optimizer_state(self.model, self.optimizer)  # DynMoE slots changed this step
-        self.step += 1
 
     @torch.no_grad()
     def evaluate(self) -> float:

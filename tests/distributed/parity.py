@@ -107,11 +107,11 @@ def _kept(model: Transformer) -> torch.Tensor:
 
 def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
     """One rank of the distributed run (called inside the spawned process)."""
-    from moe_dist.distributed.expert_parallel import host_sync_count
+    from moe_dist.models.expert_parallel import host_sync_count
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.distributed.parallelize import parallelize
+    from moe_dist.train.plan import parallelize
 
-    from moe_dist.distributed.tensor_parallel import tp_shard_dim
+    from moe_dist.distributed.param_tags import tp_shard_dim
 
     parallel = ParallelConfig(dp=case.dp, tp=case.tp, ep=case.ep)
     mesh = build_mesh(parallel, world_size, "cpu")

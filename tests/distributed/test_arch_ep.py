@@ -93,9 +93,9 @@ def run_reference(name: str) -> Record:
 
 def _rank_body(rank: int, world_size: int, names: list[str]) -> list[Record]:
     from moe_dist.config import ParallelConfig
-    from moe_dist.distributed.expert_parallel import is_expert_param
+    from moe_dist.distributed.param_tags import is_expert_param
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.distributed.parallelize import parallelize
+    from moe_dist.train.plan import parallelize
     from moe_dist.models.stratified import StratifiedMoELayer
 
     out = []

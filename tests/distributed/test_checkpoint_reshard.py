@@ -47,13 +47,13 @@ def _micro_loss(model, tokens: torch.Tensor) -> torch.Tensor:
 def _setup(mesh, parallel: ParallelConfig | None):
     """Model, plan and optimizer for a layout (parallel None: one process)."""
     from moe_dist.train.optim import build_optimizer
-    from moe_dist.train.runtime import LocalPlan
+    from moe_dist.train.plan import LocalPlan
 
     model = build_model(Case("ckpt", dp=1, ep=1, num_experts=NUM_EXPERTS))
     if parallel is None:
         plan = LocalPlan().attach(model)
     else:
-        from moe_dist.distributed.parallelize import parallelize
+        from moe_dist.train.plan import parallelize
 
         plan = parallelize(model, mesh, parallel)
     optimizer = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.1))
@@ -212,7 +212,7 @@ def test_missing_shard_or_slot_fails_the_exactly_once_check_on_every_rank(reshar
 def test_checkpoint_of_another_shape_names_the_tensor(resharded):
     from moe_dist.train.checkpoint import CheckpointError
     from moe_dist.train.optim import build_optimizer
-    from moe_dist.train.runtime import LocalPlan
+    from moe_dist.train.plan import LocalPlan
 
     root, _, _ = resharded
     model = build_model(Case("bigger", dp=1, ep=1, num_experts=2 * NUM_EXPERTS))

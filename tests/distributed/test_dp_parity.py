@@ -29,8 +29,9 @@ def test_dp_parity_world2():
 def _reducer_contract(rank: int, world_size: int) -> dict:
     from moe_dist.config import ParallelConfig
     from moe_dist.distributed import comms
-    from moe_dist.distributed.data_parallel import GradReducer, grad_norm
-    from moe_dist.distributed.expert_parallel import apply_ep, is_expert_param
+    from moe_dist.distributed.grad_sync import GradReducer, grad_norm
+    from moe_dist.distributed.param_tags import is_expert_param
+    from moe_dist.models.expert_parallel import apply_ep
     from moe_dist.distributed.mesh import build_mesh
 
     case = Case("contract", dp=2, ep=2)

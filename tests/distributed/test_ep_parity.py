@@ -53,7 +53,7 @@ def _unequal_capacity(rank: int, world_size: int) -> str:
     import torch
 
     from moe_dist.config import ParallelConfig
-    from moe_dist.distributed.expert_parallel import AllToAllDispatcher
+    from moe_dist.moe.dispatch.all_to_all import AllToAllDispatcher
     from moe_dist.distributed.mesh import build_mesh
 
     mesh = build_mesh(ParallelConfig(dp=2, ep=2), world_size, "cpu")

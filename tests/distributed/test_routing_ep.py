@@ -32,10 +32,10 @@ def _parity_body(rank: int, world_size: int, ep: int, num_experts: int, cases) -
 
     from moe_dist.config import CapacityConfig, MoEConfig, ParallelConfig, RouterConfig
     from moe_dist.distributed import comms
-    from moe_dist.distributed.expert_parallel import apply_ep
+    from moe_dist.models.expert_parallel import apply_ep
     from moe_dist.distributed.mesh import build_mesh
     from moe_dist.moe.layer import MoELayer
-    from moe_dist.moe.routing_state import update_after_step
+    from moe_dist.moe.routing.state import update_after_step
 
     mesh = build_mesh(ParallelConfig(dp=world_size, ep=ep), world_size, "cpu")
     report = []
@@ -123,9 +123,9 @@ def _dynmoe_body(rank: int, world_size: int) -> dict:
 
     from moe_dist.config import AdaptiveConfig, MoEConfig, ParallelConfig, RouterConfig
     from moe_dist.distributed import comms
-    from moe_dist.distributed.expert_parallel import apply_ep
+    from moe_dist.models.expert_parallel import apply_ep
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.moe import adaptive
+    from moe_dist.moe.routing import adaptive
     from moe_dist.moe.layer import MoELayer
 
     mesh = build_mesh(ParallelConfig(dp=world_size, ep=2), world_size, "cpu")

@@ -22,12 +22,8 @@ from torch.testing import assert_close
 
 from moe_dist.config import ModelConfig, MoEConfig, ParallelConfig, RouterConfig
 from moe_dist.distributed.mesh import MeshLayout, ParallelMesh, build_mesh
-from moe_dist.distributed.tensor_parallel import (
-    apply_tp,
-    is_tp_partial_grad,
-    tp_shard_dim,
-    vocab_parallel_cross_entropy,
-)
+from moe_dist.distributed.param_tags import is_tp_partial_grad, tp_shard_dim
+from moe_dist.models.tensor_parallel import apply_tp, vocab_parallel_cross_entropy
 from moe_dist.models.transformer import Transformer
 
 VOCAB, SEQ, BATCH, STEPS = 64, 8, 2, 3
@@ -88,8 +84,8 @@ def _compare(ref: Transformer, tp: Transformer, mesh: ParallelMesh, what: str, g
 
 def _train_and_compare(mesh: ParallelMesh, moe: bool, sequence_parallel: bool,
                        gather_logits: bool = True) -> list[float]:
-    from moe_dist.distributed.data_parallel import GradReducer
-    from moe_dist.distributed.expert_parallel import apply_ep
+    from moe_dist.distributed.grad_sync import GradReducer
+    from moe_dist.models.expert_parallel import apply_ep
 
     what = f"moe={moe} sp={sequence_parallel} gather_logits={gather_logits}"
     ref = _build(moe)
@@ -157,8 +153,8 @@ def test_tp2_parity_dense_and_moe_with_and_without_sequence_parallel() -> None:
 
 
 def _tp2_ep2_body(rank: int, world_size: int) -> dict[str, list[float]]:
-    from moe_dist.distributed.data_parallel import GradReducer
-    from moe_dist.distributed.expert_parallel import apply_ep
+    from moe_dist.distributed.grad_sync import GradReducer
+    from moe_dist.models.expert_parallel import apply_ep
 
     out = {}
     for sp in (True, False):

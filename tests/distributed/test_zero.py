@@ -1,5 +1,5 @@
 """Shared machinery of the DeepSpeed ZeRO tests: the tiny MoE model of ``parity.py`` trained for a
-few steps through ``moe_dist.distributed.zero.build_engine`` on gloo ranks, and the same steps on
+few steps through ``moe_dist.train.engines.deepspeed.build_engine`` on gloo ranks, and the same steps on
 one process with the native engine's optimizer, scheduler and clipping (its exact reference, see
 test_ep_parity.py).
 
@@ -117,9 +117,9 @@ def _group_ranks(group) -> list[int]:
 
 def run_zero_rank(rank: int, world_size: int, case: ZeroCase, meshes: dict) -> ZeroRecord:
     """One rank: apply_ep + DeepSpeed engine, STEPS steps on this rank's micro-batches."""
-    from moe_dist.distributed.expert_parallel import apply_ep
+    from moe_dist.models.expert_parallel import apply_ep
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.distributed.zero import build_engine
+    from moe_dist.train.engines.deepspeed import build_engine
 
     cfg = case.config()
     if case.ep not in meshes:  # one mesh per ep: DeepSpeed's registry keeps the first groups by name
@@ -201,7 +201,7 @@ def bridge_and_cases(rank: int, world_size: int, cases: list[ZeroCase]) -> tuple
     from deepspeed.utils import groups
 
     from moe_dist.distributed.mesh import build_mesh
-    from moe_dist.distributed.zero import deepspeed_expert_ranks, init_deepspeed_comm, register_expert_groups
+    from moe_dist.distributed.deepspeed_bridge import deepspeed_expert_ranks, init_deepspeed_comm, register_expert_groups
 
     skip_shm_build()
     init_deepspeed_comm("gloo", local_rank=rank)
@@ -281,7 +281,7 @@ def test_group_bridge_and_zero_world4():
 # --------------------------------------------------------------------------------------------
 
 def test_generated_ds_config():
-    from moe_dist.distributed.zero import build_ds_config
+    from moe_dist.train.engines.deepspeed_config import build_ds_config
 
     case = ZeroCase("cfg", stage=2, dp=2, ep=2, accum=2)
     cfg = case.config()
@@ -301,7 +301,7 @@ def test_user_ds_config_merges_and_refuses_clashes(tmp_path):
     import pytest
 
     from moe_dist.config import ConfigError
-    from moe_dist.distributed.zero import build_ds_config
+    from moe_dist.train.engines.deepspeed_config import build_ds_config
 
     cfg = ZeroCase("cfg", stage=1, dp=2, ep=2).config()
     extra = tmp_path / "extra.json"

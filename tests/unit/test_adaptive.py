@@ -1,13 +1,13 @@
-"""DynMoE expert growth and pruning inside a slot pool (moe_dist.moe.adaptive)."""
+"""DynMoE expert growth and pruning inside a slot pool (moe_dist.moe.routing.adaptive)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_dist.config import AdaptiveConfig, MoEConfig, RouterConfig
-from moe_dist.moe import adaptive
+from moe_dist.moe.routing import adaptive
 from moe_dist.moe.layer import MoELayer
-from moe_dist.moe.routing_state import routing_metrics
+from moe_dist.moe.routing.state import routing_metrics
 
 DIM = 6
 

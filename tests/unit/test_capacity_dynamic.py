@@ -7,7 +7,7 @@ from moe_dist.config import CapacityConfig, ConfigError, MoEConfig, RouterConfig
 from moe_dist.moe import capacity as cap
 from moe_dist.moe import capacity_dynamic as capd
 from moe_dist.moe.layer import MoELayer
-from moe_dist.moe.routing_state import routing_metrics, update_after_step
+from moe_dist.moe.routing.state import routing_metrics, update_after_step
 
 
 def test_tutel_capacity_oracles():

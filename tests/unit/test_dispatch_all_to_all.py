@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from moe_dist.distributed.expert_parallel import (AllToAllDispatcher, capacity_slots,
-                                                  local_expert_major_order, sorted_expert_ids)
+from moe_dist.moe.dispatch.all_to_all import (AllToAllDispatcher, capacity_slots, local_expert_major_order,
+                                             sorted_expert_ids)
 from moe_dist.moe.capacity import apply_capacity
-from moe_dist.moe.dispatch import LocalDispatcher
+from moe_dist.moe.dispatch.local import LocalDispatcher
 from moe_dist.moe.experts import GroupedExperts
 
 

@@ -5,7 +5,7 @@ import torch
 
 from moe_dist.config import CapacityConfig, MoEConfig, RouterConfig
 from moe_dist.moe import capacity as cap
-from moe_dist.moe.dispatch import permute, unpermute
+from moe_dist.moe.dispatch.permutation import permute, unpermute
 from moe_dist.moe.experts import GroupedExperts, grouped_mm_supported
 from moe_dist.moe.layer import MoELayer
 

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from moe_dist.moe import dispatch, experts  # noqa: E402
+from moe_dist.moe import experts  # noqa: E402
+from moe_dist.moe.dispatch import permutation as dispatch  # noqa: E402
 from moe_dist.moe.kernels import expert_ops, router_topk  # noqa: E402
 from moe_dist.moe.kernels import permute as pk  # noqa: E402
 

@@ -21,7 +21,9 @@ pytest.importorskip("triton")
 
 from moe_dist.config import CapacityConfig, MoEConfig, RouterConfig  # noqa: E402
 from moe_dist.models import cross_entropy  # noqa: E402
-from moe_dist.moe import dispatch, experts, router  # noqa: E402
+from moe_dist.moe import experts  # noqa: E402
+from moe_dist.moe.dispatch import permutation as dispatch  # noqa: E402
+from moe_dist.moe.routing import top_k as router  # noqa: E402
 from moe_dist.moe.kernels import expert_ops, router_topk  # noqa: E402
 from moe_dist.moe.kernels import permute as pk  # noqa: E402
 from moe_dist.moe.layer import MoELayer  # noqa: E402

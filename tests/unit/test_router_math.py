@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_dist.config import RouterConfig
-from moe_dist.moe import balance
-from moe_dist.moe.router import TopKRouter
+from moe_dist.moe.routing import balance
+from moe_dist.moe.routing.top_k import TopKRouter
 
 
 def _identity_router(num_experts, **cfg):

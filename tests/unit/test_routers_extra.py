@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from moe_dist.config import AdaptiveConfig, ConfigError, MoEConfig, RouterConfig
-from moe_dist.moe import balance
-from moe_dist.moe.router import build_router
-from moe_dist.moe.router_top_any import TopAnyRouter
-from moe_dist.moe.routers_extra import (DAMoERouter, attention_importance, exclusive_cumsum,
-                                        k_from_importance)
+from moe_dist.moe.routing import balance, state
+from moe_dist.moe.routing.factory import build_router
+from moe_dist.moe.routing.top_any import TopAnyRouter
+from moe_dist.moe.routing.softmax_gate import exclusive_cumsum
+from moe_dist.moe.routing.variable_k import DAMoERouter, attention_importance, k_from_importance
 
 NO_LOSSES = dict(aux_loss_coef=0.0, z_loss_coef=0.0)
 
@@ -163,7 +163,7 @@ def test_loss_free_bias_on_a_variable_k_router():
     torch.testing.assert_close(result.weights[0, :2], torch.tensor([0.3, 0.5]))  # unbiased gate values
     router.step_counts.copy_(torch.tensor([10.0, 30.0, 20.0, 20.0]))
     router.expert_bias.zero_()
-    balance.update_selection_bias_from_stats(router)
+    state.update_selection_bias_from_stats(router)
     torch.testing.assert_close(router.expert_bias, torch.tensor([1e-3, -1e-3, 0.0, 0.0]))
 
 
@@ -237,6 +237,6 @@ def test_loss_free_bias_moves_a_skewed_router_toward_balance(kind):
     before = max_violation()
     for _ in range(60):
         router(x)
-        balance.update_selection_bias_from_stats(router)
+        state.update_selection_bias_from_stats(router)
     after = max_violation()
     assert before > 0.5 and after < 0.5 * before, (before, after)

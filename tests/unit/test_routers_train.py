@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist.config import AdaptiveConfig, CapacityConfig, ModelConfig, MoEConfig, RouterConfig
-from moe_dist.models.transformer import build_model
-from moe_dist.moe import adaptive, balance
+from moe_dist.models.registry import build_model
+from moe_dist.moe.routing import adaptive, state
 
 CASES = {
     "expert_choice": (RouterConfig(type="expert_choice"), CapacityConfig()),
@@ -43,7 +43,7 @@ def test_router_trains_a_tiny_model(name):
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        balance.update_selection_bias_from_stats(model)  # bias, controllers, DynMoE decisions
+        state.update_selection_bias_from_stats(model)  # bias, controllers, DynMoE decisions
         adaptive.reset_pending_optimizer_state(model, optimizer)
         losses.append(lm_loss.item())
     assert all(math.isfinite(v) for v in losses)

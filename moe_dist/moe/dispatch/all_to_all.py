@@ -1,8 +1,9 @@
-"""Expert parallelism: shard each MoE layer's experts over the ep group and move tokens to them.
+"""All-to-all token dispatch over an expert-parallel group.
 
-:class:`AllToAllDispatcher` has the interface of :class:`moe_dist.moe.dispatch.LocalDispatcher`
-(``dispatch`` -> experts -> ``combine``), so :class:`~moe_dist.moe.layer.MoELayer` runs unchanged;
-:func:`apply_ep` slices every layer's expert weights to the local block and installs it.
+:class:`AllToAllDispatcher` implements the :class:`~moe_dist.moe.dispatch.protocol.Dispatcher`
+protocol (``dispatch`` -> experts -> ``combine``), so :class:`~moe_dist.moe.layer.MoELayer` runs
+unchanged whether its experts are local or sharded; ``models/expert_parallel.apply_ep`` slices
+the expert weights and installs it.
 
 Shapes: T local tokens, K slots, N = T*K assignments, D hidden, E global experts,
 P = ep_size ranks, L = E / P local experts, C per-expert capacity, R received rows.
@@ -39,16 +40,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from moe_dist.distributed import comms
-from moe_dist.moe.dispatch import PermuteState, permute, unpermute
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.dispatch.permutation import PermuteState, permute, unpermute
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-    from moe_dist.distributed.mesh import ParallelMesh
 
 CapacityFn = Callable[[int, int], "int | None"]
 
@@ -236,64 +233,3 @@ def capacity_slots(tokens_per_expert_E: torch.Tensor, capacity: int,
     keep_N = (expert_N < num_experts) & (pos_N < capacity)
     slot_of_row_N = torch.where(keep_N, expert_N * capacity + pos_N, num_experts * capacity)
     return src_row_EC, slot_of_row_N
-
-
-# --------------------------------------------------------------------------------------------
-# Applying expert parallelism to a model
-# --------------------------------------------------------------------------------------------
-
-def mark_expert_param(param: nn.Parameter) -> None:
-    """Tag a parameter as an expert shard: reduced over edp, norm summed over ep."""
-    param._moe_expert = True  # type: ignore[attr-defined]
-
-
-def is_expert_param(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "_moe_expert", False))
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
-def apply_ep(model: nn.Module, mesh: ParallelMesh, record: comms.CollectiveRecord | None = None) -> nn.Module:
-    """Shard every MoE layer's experts over ``mesh.ep_group`` (in place) and return the model.
-
-    Each rank keeps experts ``[ep_rank*L, (ep_rank+1)*L)`` of its (identically seeded) full
-    weights, so the union over the ep group is exactly the single-process model. Expert params
-    are tagged (:func:`is_expert_param`) for gradient reduction and norm clipping, even when
-    ep=1 (then the dispatcher stays local). Routers, shared experts and dense layers stay
-    replicated; expert-load statistics stay indexed by global expert id. ``record`` (shared by
-    every dispatcher) keeps the last all-to-all's split sizes for the hang watchdog's message.
-    """
-    if mesh.etp_size != 1:
-        raise ValueError(f"parallel.etp ({mesh.etp_size}) > 1 is not supported by apply_ep yet; use etp=1")
-    for layer in moe_layers(model):
-        experts = layer.experts
-        for param in experts.parameters():
-            mark_expert_param(param)
-        if mesh.ep_size == 1:
-            continue
-        num_experts = layer.num_experts
-        if experts.num_experts != num_experts:
-            raise ValueError(f"MoE layer already sharded ({experts.num_experts} of {num_experts} experts "
-                             "held); apply_ep must run once on a freshly built model")
-        local = mesh.local_experts(num_experts)
-        with torch.no_grad():
-            experts.w13 = nn.Parameter(experts.w13[local.start:local.stop].clone())
-            experts.w2 = nn.Parameter(experts.w2[local.start:local.stop].clone())
-        for param in experts.parameters():
-            mark_expert_param(param)
-        experts.num_experts = len(local)
-        experts.expert_offset = local.start
-        fixed = layer.cfg.capacity.policy == "fixed"
-        layer.set_dispatcher(AllToAllDispatcher(num_experts, mesh.ep_group, mesh.ep_rank, mesh.ep_size,
-                                                capacity_fn=layer.capacity_for if fixed else None,
-                                                record=record))
-        # 'dynamic' capacity: the busiest expert over the ep group (an in-place MAX all-reduce).
-        layer.capacity_reduce_fn = lambda t, group=mesh.ep_group: comms.all_reduce(t, "max", group)
-    return model
-
-
-def host_sync_count(model: nn.Module) -> int:
-    """Device-to-host syncs made by every all-to-all dispatcher of ``model`` so far."""
-    return sum(getattr(layer.dispatcher, "host_syncs", 0) for layer in moe_layers(model))

@@ -1,14 +1,5 @@
-"""Token dispatch: sort (token, expert) assignments by expert, run experts, weight and un-sort.
-
-Two dispatchers share one interface::
-
-    expert_in, tokens_per_local_expert, handle = dispatcher.dispatch(x_TD, indices_TK, valid_TK)
-    expert_out = experts(expert_in, tokens_per_local_expert)
-    y_TD = dispatcher.combine(expert_out, weights_TK, handle)
-
-:class:`LocalDispatcher` keeps everything on one device. The all-to-all dispatcher for expert
-parallelism lives in ``moe_dist.distributed.expert_parallel`` and is installed by
-``apply_ep``; this module has no communication.
+"""Permutation shared by every dispatcher: sort (token, expert) assignments by expert, and
+weight and un-sort the expert outputs. No communication.
 
 Shapes: T tokens, K slots, N = T*K assignments, D hidden, E experts.
 """
@@ -19,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_dist.moe.experts import to_autocast_dtype
 from moe_dist.moe.kernels import permute as permute_kernels
 
 
@@ -106,35 +96,3 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState)
     y_TKD = y_ND.index_select(0, _inverse(state.sort_order_N)).view(state.num_tokens, state.top_k, y_ND.shape[-1])
     out_TD = torch.einsum("tkd,tk->td", y_TKD.float(), weights_TK.float())
     return out_TD.to(y_ND.dtype)
-
-
-@dataclass
-class LocalHandle:
-    permute_state: PermuteState
-    padding_rows: int = 0  # invalid rows cut off before the experts (CPU only)
-
-
-class LocalDispatcher:
-    """Single-device dispatch: every expert is local."""
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, valid_TK: torch.Tensor | None):
-        # Under CUDA autocast, permute the rows already in the autocast dtype (half the bytes).
-        x_TD = to_autocast_dtype(x_TD)
-        x_sorted, tokens_per_expert, state = permute(x_TD, indices_TK, self.num_experts, valid_TK)
-        padding = 0
-        if valid_TK is not None and not x_sorted.is_cuda:
-            # Variable-k routing and drops leave padding rows at the end. On the CPU a host read is
-            # free, so cut them off and the experts compute only the rows that were routed; on
-            # the GPU the shapes stay fixed instead (no sync).
-            # NOTE: device-to-host sync (CPU only, see above).
-            padding = x_sorted.shape[0] - int(tokens_per_expert.sum())
-            x_sorted = x_sorted[:x_sorted.shape[0] - padding]
-        return x_sorted, tokens_per_expert, LocalHandle(state, padding)
-
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
-        if handle.padding_rows:
-            y_ND = torch.cat([y_ND, y_ND.new_zeros(handle.padding_rows, y_ND.shape[-1])])
-        return unpermute(y_ND, weights_TK, handle.permute_state)

@@ -26,14 +26,12 @@ The active set and the records are buffers, so checkpoints save and restore them
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from moe_dist.moe.router_top_any import TopAnyRouter
+from moe_dist.moe.reduction import ReduceFn, reduce_with
+from moe_dist.moe.routing.top_any import TopAnyRouter
 
-ReduceFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 def adaptive_layers(model: nn.Module) -> list[nn.Module]:
@@ -61,9 +59,7 @@ def update_adaptive_experts(model: nn.Module, reduce_fn: ReduceFn | None = None)
     # a. One reduction for every due layer: [counts E | unrouted sum D | unrouted tokens 1].
     flat = torch.cat([torch.cat([r.record_counts, r.record_unrouted_sum, r.record_unrouted.view(1)])
                       for _, r in due])
-    if reduce_fn is not None:
-        reduced = reduce_fn(flat)
-        flat = flat if reduced is None else reduced
+    flat = reduce_with(flat, reduce_fn)
     changes: dict[int, list[int]] = {}
     offset = 0
     for position, router in due:

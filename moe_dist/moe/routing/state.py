@@ -1,8 +1,8 @@
 """Routing state that lives across steps, and what the trainer logs about it.
 
-After every optimizer step, :func:`update_after_step` (reached through
-``balance.update_selection_bias_from_stats``, which both trainer plans already call with the
-sum over token ranks) updates the capacity controllers and the DynMoE active sets from
+After every optimizer step, every trainer plan calls :func:`update_selection_bias_from_stats`
+with the sum over token ranks: it updates the auxiliary-loss-free selection biases, then
+(:func:`update_after_step`) the capacity controllers and the DynMoE active sets, all from
 all-reduced counts, so every rank stays identical.
 
 For logging, :func:`routing_metrics` returns per-layer scalars and histograms (one reduction of
@@ -21,15 +21,36 @@ from __future__ import annotations
 
 import re
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import nn
 
-from moe_dist.moe import adaptive, capacity_dynamic
+from moe_dist.moe import capacity_dynamic
+from moe_dist.moe.reduction import ReduceFn, reduce_with
+from moe_dist.moe.routing import adaptive
+from moe_dist.moe.routing.balance import update_selection_bias
 
-ReduceFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@torch.no_grad()
+def update_selection_bias_from_stats(model: nn.Module, reduce_fn: ReduceFn | None = None) -> None:
+    """After an optimizer step: update every router's selection bias from the step's counts.
+
+    ``reduce_fn`` sums a tensor over every rank that routes different tokens with the same
+    router (None in a single process). All routers' counts travel in one reduction. The other
+    cross-step routing state (capacity controllers, DynMoE active sets) is updated here too,
+    from the same reduction function (:func:`update_after_step`).
+    """
+    routers = [m for m in model.modules()
+               if hasattr(m, "step_counts") and getattr(m, "cfg", None) is not None
+               and getattr(m.cfg, "bias_update_rate", 0) > 0]
+    if routers:
+        counts = torch.stack([r.step_counts for r in routers])
+        counts = reduce_with(counts, reduce_fn)
+        for router, router_counts in zip(routers, counts):
+            update_selection_bias(router.expert_bias, router_counts, router.cfg.bias_update_rate)
+            router.step_counts.zero_()
+    update_after_step(model, reduce_fn)
 
 
 @torch.no_grad()
@@ -62,9 +83,7 @@ def routing_metrics(model: nn.Module, reduce_fn: ReduceFn | None = None,
     hists: dict[str, np.ndarray] = {}
     if hist_layers:
         flat = torch.cat([layer.router.k_hist for _, layer in hist_layers])
-        if reduce_fn is not None:
-            reduced = reduce_fn(flat.clone())
-            flat = flat if reduced is None else reduced
+        flat = reduce_with(flat.clone(), reduce_fn)
         host = flat.cpu().numpy()  # NOTE: device-to-host sync (logging steps only)
         offset = 0
         for i, layer in hist_layers:

@@ -33,21 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import ConfigError, RouterConfig
-from moe_dist.moe.router import RoutingResult
-from moe_dist.moe.routers_extra import variable_k_aux_loss
-
-
-def diversity_loss(weight_ED: torch.Tensor, active_E: torch.Tensor) -> torch.Tensor:
-    """DynMoE diversity: Frobenius norm of the off-identity Gram matrix of the active rows."""
-    w_hat = F.normalize(weight_ED.float(), dim=-1)
-    mask_EE = (active_E.unsqueeze(0) & active_E.unsqueeze(1)).float()
-    eye = torch.eye(weight_ED.shape[0], device=weight_ED.device)
-    return torch.linalg.matrix_norm((w_hat @ w_hat.t() - eye) * mask_EE)
-
-
-def simplicity_loss(weight_ED: torch.Tensor) -> torch.Tensor:
-    """DynMoE simplicity: mean L2 norm of the raw gate embeddings (all slots)."""
-    return weight_ED.float().norm(dim=-1).mean()
+from moe_dist.moe.dispatch.permutation import count_per_expert
+from moe_dist.moe.routing import balance
+from moe_dist.moe.routing.result import RoutingResult
 
 
 class TopAnyRouter(nn.Module):
@@ -56,7 +44,7 @@ class TopAnyRouter(nn.Module):
     Buffers (all saved in checkpoints except ``k_hist``):
 
     - ``active`` [E] bool: the active slots (the first ``adaptive.initial_experts``, or all);
-    - DynMoE growth/pruning records, changed only by :mod:`moe_dist.moe.adaptive`:
+    - DynMoE growth/pruning records, changed only by :mod:`moe_dist.moe.routing.adaptive`:
       ``record_counts`` [E] (tokens each slot received in the record window),
       ``record_unrouted_sum`` [D] and ``record_unrouted`` (sum and number of tokens that
       activated no expert), ``idle_windows`` [E] and ``adaptive_step`` (optimizer steps seen);
@@ -86,7 +74,7 @@ class TopAnyRouter(nn.Module):
         """Host copy of ``adaptive_step`` (decides whether this step records without a sync)."""
         self.pending_resets: list[int] = []
         """Slots switched on or off by the last adaptive update, whose optimizer state the
-        trainer resets (:func:`moe_dist.moe.adaptive.reset_pending_optimizer_state`)."""
+        trainer resets (:func:`moe_dist.moe.routing.adaptive.reset_pending_optimizer_state`)."""
         self.register_load_state_dict_post_hook(TopAnyRouter._forget_host_step)
         self.reset_parameters()
 
@@ -140,7 +128,7 @@ class TopAnyRouter(nn.Module):
         weights_TK = torch.where(fallback_TK, 1.0, torch.where(valid_TK, weights_TK, 0.0))
 
         experts_N = torch.where(valid_TK, indices_TK, self.num_experts).flatten()
-        tokens_per_expert = torch.bincount(experts_N, minlength=self.num_experts + 1)[:self.num_experts]
+        tokens_per_expert = count_per_expert(experts_N, self.num_experts + 1)[:self.num_experts]  # no host sync
         if self.training:
             self._record(x_float, k_T, unrouted_T, tokens_per_expert)
         losses = self._losses(z_TE, tokens_per_expert, unrouted_T)
@@ -149,7 +137,7 @@ class TopAnyRouter(nn.Module):
     @torch.no_grad()
     def _record(self, x_TD: torch.Tensor, k_T: torch.Tensor, unrouted_T: torch.Tensor,
                 tokens_per_expert: torch.Tensor) -> None:
-        self.k_hist += torch.bincount(k_T, minlength=self.max_k + 1)[:self.max_k + 1].to(self.k_hist.dtype)
+        self.k_hist += count_per_expert(k_T, self.max_k + 1).to(self.k_hist.dtype)
         if self.recording:
             self.record_counts += tokens_per_expert.to(self.record_counts.dtype)
             self.record_unrouted_sum += (x_TD * unrouted_T.unsqueeze(-1)).sum(0)
@@ -162,13 +150,13 @@ class TopAnyRouter(nn.Module):
         if not self.training:
             return losses
         if cfg.top_any_reg_coef > 0:
-            losses["diversity_loss"] = cfg.top_any_reg_coef * diversity_loss(self.weight, self.active)
-            losses["simplicity_loss"] = cfg.top_any_reg_coef * simplicity_loss(self.weight)
+            losses["diversity_loss"] = cfg.top_any_reg_coef * balance.diversity_loss(self.weight, self.active)
+            losses["simplicity_loss"] = cfg.top_any_reg_coef * balance.simplicity_loss(self.weight)
         if cfg.aux_loss_coef > 0 and z_TE.shape[0] > 0:
             # Switch loss over the tokens that activated an expert (DeepSpeed DynMoE), with the
             # scores normalised per token; masked means avoid a data-dependent shape.
             routed_T1 = (~unrouted_T).unsqueeze(-1).float()
             probs_TE = z_TE / z_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             p_E = (probs_TE * routed_T1).sum(0) / routed_T1.sum().clamp_min(1.0)
-            losses["aux_loss"] = cfg.aux_loss_coef * variable_k_aux_loss(p_E.unsqueeze(0), tokens_per_expert)
+            losses["aux_loss"] = cfg.aux_loss_coef * balance.variable_k_aux_loss(p_E.unsqueeze(0), tokens_per_expert)
         return losses

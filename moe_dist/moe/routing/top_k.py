@@ -1,43 +1,21 @@
-"""Token-choice top-k gates.
+"""Token-choice top-k gates: softmax (GShard/Switch/Mixtral) and sigmoid (DeepSeek-V3).
 
-A router maps tokens to experts and returns data, never side effects: a
-:class:`RoutingResult` with the chosen expert ids, their combine weights, a validity mask
-(capacity and variable-k routers switch slots off), per-expert counts and the weighted
-balancing losses. Routing math runs in fp32 whatever the activation dtype.
+Routing math runs in fp32 whatever the activation dtype.
 
 Shapes: T tokens, D hidden, E experts, K slots per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.config import RouterConfig
-from moe_dist.moe import balance
-from moe_dist.moe.dispatch import count_per_expert, use_fast_kernels
+from moe_dist.moe.dispatch.permutation import count_per_expert, use_fast_kernels
 from moe_dist.moe.kernels.router_topk import softmax_topk
-
-
-@dataclass
-class RoutingResult:
-    indices: torch.Tensor  # [T, K] int64, global expert ids
-    weights: torch.Tensor  # [T, K] fp32 combine weights (0 where not valid)
-    valid: torch.Tensor | None  # [T, K] bool, None when every slot is used
-    scores: torch.Tensor  # [T, E] fp32 router probabilities (softmax or sigmoid)
-    tokens_per_expert: torch.Tensor  # [E] int64, assignments before capacity
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already weighted
-
-    @property
-    def num_tokens(self) -> int:
-        return self.indices.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.indices.shape[1]
+from moe_dist.moe.routing import balance
+from moe_dist.moe.routing.result import RoutingResult
 
 
 class TopKRouter(nn.Module):
@@ -107,12 +85,3 @@ class TopKRouter(nn.Module):
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = cfg.z_loss_coef * balance.z_loss(logits_TE)
         return losses
-
-
-def build_router(dim: int, num_experts: int, cfg: RouterConfig) -> nn.Module:
-    """The router named by ``cfg.type``."""
-    if cfg.type in ("softmax_topk", "sigmoid_topk"):
-        return TopKRouter(dim, num_experts, cfg)
-    from moe_dist.moe import routers_extra  # variable-k and expert-choice gates
-
-    return routers_extra.build(dim, num_experts, cfg)

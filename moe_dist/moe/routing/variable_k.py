@@ -1,12 +1,9 @@
-"""Variable-k and expert-choice gates: 'expert_choice', 'top_p', 'xmoe', 'da_moe' ('top_any' is
-in :mod:`moe_dist.moe.router_top_any`).
+"""Variable-k gates: 'top_p', 'xmoe', 'da_moe' ('top_any' is in :mod:`.top_any`).
 
-Every gate returns the :class:`~moe_dist.moe.router.RoutingResult` contract with ``K = Kmax``
-slots per token and a ``valid`` mask marking the slots really used:
-
-- 'top_p', 'xmoe', 'da_moe': ``Kmax = min(moe.router.top_k, E)``: ``top_k`` is the *cap* on the
-  experts one token may activate (set ``top_k = num_experts`` for the uncapped papers);
-- 'expert_choice': ``Kmax = E`` (slot e is expert e; valid when expert e picked the token).
+Every gate returns the :class:`~moe_dist.moe.routing.result.RoutingResult` contract with
+``K = Kmax = min(moe.router.top_k, E)`` slots per token and a ``valid`` mask marking the slots
+really used: ``top_k`` is the *cap* on the experts one token may activate (set
+``top_k = num_experts`` for the uncapped papers).
 
 The dispatchers send only valid slots, so fewer activated experts means fewer dispatched rows
 and fewer expert FLOPs. ``tokens_per_expert`` counts valid slots. Routing math runs in fp32.
@@ -19,124 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from moe_dist.config import ConfigError, RouterConfig
-from moe_dist.moe import balance
-from moe_dist.moe.router import RoutingResult
+from moe_dist.config import RouterConfig
+from moe_dist.moe.routing.result import RoutingResult
+from moe_dist.moe.routing.softmax_gate import SoftmaxGate, exclusive_cumsum
 
-
-def build(dim: int, num_experts: int, cfg: RouterConfig) -> nn.Module:
-    """The non-top-k router named by ``cfg.type``."""
-    routers = {"expert_choice": ExpertChoiceRouter, "top_p": TopPRouter, "xmoe": XMoERouter,
-               "da_moe": DAMoERouter}
-    if cfg.type == "top_any":
-        from moe_dist.moe.router_top_any import TopAnyRouter
-
-        return TopAnyRouter(dim, num_experts, cfg)
-    if cfg.type not in routers:
-        valid = ["softmax_topk", "sigmoid_topk", *routers, "top_any"]
-        raise ConfigError(f"moe.router.type ({cfg.type!r}) is not a router; use one of {valid}")
-    return routers[cfg.type](dim, num_experts, cfg)
-
-
-# --------------------------------------------------------------------------------------------
-# Shared pieces
-# --------------------------------------------------------------------------------------------
-
-def variable_k_aux_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """Switch loss ``E * sum_i f_i P_i`` with ``f_i`` the share of the *valid* assignments that
-    went to expert i (1 at perfect balance, whatever the per-token k)."""
-    num_experts = probs_TE.shape[1]
-    total = tokens_per_expert_E.sum().clamp_min(1).to(probs_TE.dtype)
-    f_E = tokens_per_expert_E.to(probs_TE.dtype) / total
-    return num_experts * torch.dot(f_E, probs_TE.mean(dim=0))
-
-
-def entropy_loss(probs_TE: torch.Tensor) -> torch.Tensor:
-    """Mean per-token router entropy ``-sum_e p log p`` (Huang et al.'s dynamic loss)."""
-    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
-
-
-def exclusive_cumsum(x_TE: torch.Tensor) -> torch.Tensor:
-    """``out[:, r] = sum_{r' < r} x[:, r']`` (0 for the first column)."""
-    return torch.cat([x_TE.new_zeros(x_TE.shape[0], 1), torch.cumsum(x_TE[:, :-1], dim=-1)], dim=-1)
-
-
-class SoftmaxGate(nn.Module):
-    """Linear softmax gate shared by the routers of this module.
-
-    Buffers: ``expert_bias`` / ``step_counts`` (auxiliary-loss-free selection bias, updated by
-    :func:`moe_dist.moe.balance.update_selection_bias_from_stats`, exactly as for
-    :class:`~moe_dist.moe.router.TopKRouter`) and ``k_hist`` (experts-per-token histogram of the
-    current logging window, bins 0..Kmax; read and reset by
-    :func:`moe_dist.moe.routing_state.routing_metrics`).
-    """
-
-    def __init__(self, dim: int, num_experts: int, cfg: RouterConfig, max_k: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.num_experts = num_experts
-        self.max_k = max_k
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        self.register_buffer("expert_bias", torch.zeros(num_experts))
-        self.register_buffer("step_counts", torch.zeros(num_experts), persistent=False)
-        self.register_buffer("k_hist", torch.zeros(max_k + 1), persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        nn.init.normal_(self.weight, std=std)
-
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.training and self.cfg.jitter > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
-        return F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
-
-    def selection_scores(self, probs_TE: torch.Tensor) -> torch.Tensor:
-        """Scores that order the experts: probabilities plus the loss-free bias (no gradient)."""
-        probs_TE = probs_TE.detach()
-        return probs_TE + self.expert_bias if self.cfg.bias_update_rate > 0 else probs_TE
-
-    def finish(self, indices_TK: torch.Tensor, weights_TK: torch.Tensor, valid_TK: torch.Tensor,
-               probs_TE: torch.Tensor, logits_TE: torch.Tensor, seq_len: int | None,
-               balance_losses: bool = True) -> RoutingResult:
-        """Counts, statistics and losses common to every gate; returns the result."""
-        indices_TK = indices_TK.contiguous()
-        weights_TK = torch.where(valid_TK, weights_TK, 0.0)
-        experts_N = torch.where(valid_TK, indices_TK, self.num_experts).flatten()
-        tokens_per_expert = torch.bincount(experts_N, minlength=self.num_experts + 1)[:self.num_experts]
-        if self.training:
-            with torch.no_grad():
-                k_T = valid_TK.sum(-1)
-                self.k_hist += torch.bincount(k_T, minlength=self.max_k + 1)[:self.max_k + 1].to(self.k_hist.dtype)
-                if self.cfg.bias_update_rate > 0:
-                    self.step_counts += tokens_per_expert
-        losses = self.losses(logits_TE, probs_TE, indices_TK, valid_TK, tokens_per_expert, seq_len,
-                             balance_losses)
-        return RoutingResult(indices_TK, weights_TK, valid_TK, probs_TE, tokens_per_expert, losses)
-
-    def losses(self, logits_TE, probs_TE, indices_TK, valid_TK, tokens_per_expert, seq_len,
-               balance_losses: bool) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        losses: dict[str, torch.Tensor] = {}
-        if not self.training or probs_TE.shape[0] == 0:
-            return losses
-        if balance_losses and cfg.aux_loss_coef > 0:
-            losses["aux_loss"] = cfg.aux_loss_coef * variable_k_aux_loss(probs_TE, tokens_per_expert)
-        if balance_losses and cfg.seq_aux_loss_coef > 0 and seq_len:
-            losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * balance.sequence_aux_loss(
-                probs_TE, indices_TK, seq_len, valid_TK)
-        if cfg.z_loss_coef > 0:
-            losses["z_loss"] = cfg.z_loss_coef * balance.z_loss(logits_TE)
-        if cfg.entropy_loss_coef > 0:
-            losses["entropy_loss"] = cfg.entropy_loss_coef * entropy_loss(probs_TE)
-        return losses
-
-
-# --------------------------------------------------------------------------------------------
-# Cumulative-probability routers
-# --------------------------------------------------------------------------------------------
 
 class CumulativeProbRouter(SoftmaxGate):
     """Sort each token's probabilities, keep a prefix by a cumulative-probability rule, cap it
@@ -253,38 +137,3 @@ class DAMoERouter(SoftmaxGate):
         if self.cfg.normalize_weights:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         return self.finish(indices_TK, weights_TK, valid_TK, probs_TE, logits_TE, seq_len)
-
-
-# --------------------------------------------------------------------------------------------
-# Expert choice
-# --------------------------------------------------------------------------------------------
-
-class ExpertChoiceRouter(SoftmaxGate):
-    """Expert choice (Zhou et al. 2022): each expert takes its top ``ceil(T * c / E)`` tokens
-    (at most T) by softmax score, ``c = expert_choice_capacity``. ``Kmax = E``: slot e is expert
-    e, valid when e picked the token; weight = the token's softmax probability for e.
-
-    Non-causal: the token pool is this rank's whole micro-batch, so whether a token is picked
-    depends on later tokens of its sequence (invalid for autoregressive decoding). Balanced by
-    construction, so the aux and sequence losses are not applied (the z-loss is). A token may
-    get no expert (it then passes only through the residual).
-    """
-
-    def __init__(self, dim: int, num_experts: int, cfg: RouterConfig) -> None:
-        super().__init__(dim, num_experts, cfg, max_k=num_experts)
-
-    def tokens_per_expert_for(self, num_tokens: int) -> int:
-        return min(num_tokens, math.ceil(num_tokens * self.cfg.expert_choice_capacity / self.num_experts))
-
-    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
-        logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        num_tokens = x_TD.shape[0]
-        per_expert = self.tokens_per_expert_for(num_tokens)
-        _, tokens_EC = torch.topk(probs_TE.detach().t(), per_expert, dim=-1, sorted=True)  # [E, C]
-        chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
-        experts_EC = torch.arange(self.num_experts, device=x_TD.device).unsqueeze(1).expand_as(tokens_EC)
-        chosen_TE[tokens_EC, experts_EC] = True
-        indices_TE = torch.arange(self.num_experts, device=x_TD.device).expand(num_tokens, -1)
-        return self.finish(indices_TE, probs_TE, chosen_TE, probs_TE, logits_TE, seq_len,
-                           balance_losses=False)

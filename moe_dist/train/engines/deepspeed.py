@@ -1,11 +1,29 @@
-"""The training loop on a DeepSpeed engine: moe_dist's :class:`~moe_dist.train.trainer.Trainer`
-with the parallel plan, the step and the checkpoints swapped for DeepSpeed's.
+"""The DeepSpeed engine (``train.engine=deepspeed``): moe_dist's
+:class:`~moe_dist.train.trainer.Trainer` with the parallel plan, the step and the checkpoints
+swapped for a DeepSpeed ZeRO engine's (the config it runs with: ``deepspeed_config.py``).
 
 What stays moe_dist's: data order (rank r's micro-batch m of step s is the same rows as under the
 native engine), the model and its expert parallelism (:func:`apply_ep`), losses, validation,
 metrics, run directory, signals. What DeepSpeed does: gradient reduction and partitioning (ZeRO
 1/2), clipping, the AdamW step on fp32 master partitions, the scheduler, and the checkpoint
 files.
+
+How expert parallelism meets DeepSpeed (DeepSpeed's MoE conventions, moe_dist's groups):
+
+1. ``apply_ep`` slices every MoE layer's experts to this rank's block and installs the
+   all-to-all dispatcher; moe_dist's mesh owns the ep and edp process groups.
+2. ``distributed/deepspeed_bridge.py`` registers *those same groups* in DeepSpeed's registry
+   and tags expert parameters; :func:`~.deepspeed_config.optimizer_param_groups` moves them into
+   ``moe=True`` optimizer groups.
+3. :func:`build_engine`'s ``ExpertParallelEngine`` tells DeepSpeed that the model has MoE
+   parameters (its own detection only recognises ``deepspeed.moe.layer.MoE`` modules), so the
+   ZeRO optimizer reduces and partitions expert gradients and optimizer state over the
+   expert-data-parallel group, divides expert gradients by the dp size (the same rule as
+   moe_dist's GradReducer), and sums the expert part of the gradient norm once per expert.
+
+Worked example, world 4, ``ep=2``: ep groups [0,1] [2,3], edp groups [0,2] [1,3]. Dense ZeRO
+partitions span all 4 ranks; the partitions of expert 0's weights (held by ranks 0 and 2) span
+[0,2]. ``ep=4``: edp groups of one rank each, so expert optimizer state is not partitioned.
 
 Checkpoints (``<run_dir>/checkpoints/step_XXXXXXXX``) are written by ``engine.save_checkpoint``
 into a temporary sibling directory, then moe_dist adds this rank's expert shard where needed
@@ -27,12 +45,15 @@ import torch
 from torch import nn
 
 from moe_dist.config import Config
-from moe_dist.distributed.expert_parallel import apply_ep, is_expert_param
-from moe_dist.distributed import comms
-from moe_dist.distributed.zero import build_engine
+from moe_dist.distributed.deepspeed_bridge import init_deepspeed_comm, register_expert_groups, tag_expert_params
+from moe_dist.distributed.mesh import ParallelMesh
+from moe_dist.distributed.param_tags import is_expert_param
 from moe_dist.metrics import DeviceMeans
-from moe_dist.models.cross_entropy import token_cross_entropy
+from moe_dist.models.expert_parallel import apply_ep
 from moe_dist.train import checkpoint as ckpt
+from moe_dist.train.engines.deepspeed_config import build_ds_config, optimizer_param_groups
+from moe_dist.train.optim import build_scheduler
+from moe_dist.train.plan import DeepSpeedPlan
 from moe_dist.train.runtime import Runtime
 from moe_dist.train.trainer import Trainer, truncate_metrics
 
@@ -44,35 +65,6 @@ CLIENT_KEY = "moe_dist"
 
 def expert_shard_name(ep_rank: int) -> str:
     return f"experts_ep{ep_rank:03d}.pt"
-
-
-class ZeroPlan:
-    """The part of the trainer's plan interface a DeepSpeed run uses: losses and reductions.
-
-    Gradient reduction, clipping and the step belong to the engine, so ``no_sync``,
-    ``finish_gradient_sync`` and ``clip_grad_norm_`` do not exist here. tp is 1 (validated).
-    """
-
-    def __init__(self, mesh) -> None:
-        self.mesh = mesh
-
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy of this rank's micro-batch."""
-        return token_cross_entropy(logits, targets)
-
-    def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        return comms.all_reduce(tensor.clone(), "avg", self.mesh.dp_group)
-
-    def sum_over_token_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every dp rank routes its own tokens (tp = 1)."""
-        comms.all_reduce(tensor, "sum", self.mesh.dp_group)
-        return tensor
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        """Routing-state updates that must stay identical on every rank (aux-free bias)."""
-        from moe_dist.moe.balance import update_selection_bias_from_stats
-
-        update_selection_bias_from_stats(model, reduce_fn=self.sum_over_token_ranks)
 
 
 class DeepSpeedTrainer(Trainer):
@@ -91,7 +83,7 @@ class DeepSpeedTrainer(Trainer):
     def _configure_parallelism(self) -> None:
         mesh, cfg = self.rt.mesh, self.cfg
         apply_ep(self.model, mesh)
-        self.plan = ZeroPlan(mesh)
+        self.plan = DeepSpeedPlan(mesh)
         bf16 = self.rt.autocast_dtype(cfg.train.dtype) is torch.bfloat16
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.engine = build_engine(self.model, cfg, mesh, bf16=bf16, backend=backend,
@@ -158,6 +150,60 @@ class DeepSpeedTrainer(Trainer):
         if self.rt.is_logging_rank:
             truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+def _engine_class():
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class ExpertParallelEngine(DeepSpeedEngine):
+        """A DeepSpeedEngine that counts tagged expert parameters as MoE layers.
+
+        DeepSpeed sets ``has_moe_layers`` only for its own ``MoE`` modules; with moe_dist's layers
+        it would stay False and the ZeRO optimizer would partition expert state over the whole
+        world, mixing different ranks' experts. Everything else is DeepSpeed's own code path.
+        """
+
+        def _configure_distributed_model(self, model: nn.Module) -> None:
+            super()._configure_distributed_model(model)
+            if any(is_moe_param(p) for p in self.module.parameters()):
+                self.has_moe_layers = True
+
+    return ExpertParallelEngine
+
+
+def build_engine(model: nn.Module, cfg: Config, mesh: ParallelMesh, *, bf16: bool, backend: str,
+                 local_rank: int):
+    """Wrap ``model`` (already parallelized: ``apply_ep`` ran) in a DeepSpeed engine.
+
+    Steps: attach DeepSpeed's comm layer to our process group, register our expert groups,
+    tag expert params, build the torch AdamW with dense/expert groups, then the engine (which
+    wraps AdamW in the ZeRO optimizer and drives the scheduler). Returns the engine.
+    """
+    from deepspeed import set_optimizer_flags
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    init_deepspeed_comm(backend, local_rank)
+    group_name = register_expert_groups(mesh)
+    if group_name is not None:
+        tag_expert_params(model, group_name)
+    train = cfg.train
+    ds_config = build_ds_config(cfg, mesh.dp_size, bf16)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, train.weight_decay, group_name), lr=train.lr,
+                                  betas=(train.beta1, train.beta2), eps=1e-8, foreach=False)
+    config_class = DeepSpeedConfig(ds_config, None)
+    set_optimizer_flags(config_class, model)
+    engine = _engine_class()(args=None, model=model, optimizer=optimizer,
+                             lr_scheduler=lambda opt: build_scheduler(opt, train),
+                             dist_init_required=False, config=ds_config, config_class=config_class)
+    if group_name is not None and not engine.has_moe_layers:
+        raise RuntimeError("DeepSpeed did not register the expert parameters as MoE parameters; "
+                           "check the deepspeed version (moe_dist was written against 0.19.8)")
+    return engine
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,68 +1,27 @@
-"""DeepSpeed ZeRO for moe_dist: the generated DeepSpeed config, dense/expert parameter groups, and
-the bridge that puts moe_dist's own expert process groups into DeepSpeed's group registry.
+"""The DeepSpeed config moe_dist generates from its own, and the dense/expert optimizer groups.
 
-This is the only module of moe_dist that imports ``deepspeed`` (STYLE §2.7). The training loop
-that drives the engine is :mod:`moe_dist.train.zero_trainer`; users select it with
-``train.engine=deepspeed`` and ``zero.stage=0|1|2`` (see docs/deepspeed.md).
-
-How expert parallelism meets DeepSpeed (DeepSpeed's MoE conventions, moe_dist's groups)
----------------------------------------------------------------------------------------
-1. :func:`apply_ep` slices every MoE layer's experts to this rank's block and installs the
-   all-to-all dispatcher; moe_dist's mesh owns the ep and edp process groups.
-2. :func:`register_expert_groups` stores *those same group objects* in
-   ``deepspeed.utils.groups`` under the name ``ep_size_{ep}`` (DeepSpeed would otherwise create
-   its own groups lazily; it never does here, because the name already exists).
-3. :func:`tag_expert_params` marks each expert parameter ``allreduce=False`` and
-   ``group_name='ep_size_{ep}'``; :func:`optimizer_param_groups` moves them into optimizer
-   groups with ``moe=True`` and that name (``split_params_into_different_moe_groups_for_optimizer``).
-4. :class:`ExpertParallelEngine` tells DeepSpeed that the model has MoE parameters (its own
-   detection only recognises ``deepspeed.moe.layer.MoE`` modules), so the ZeRO optimizer reduces
-   and partitions expert gradients and optimizer state over the expert-data-parallel group,
-   divides expert gradients by the dp size (the same rule as moe_dist's GradReducer), and sums
-   the expert part of the gradient norm once per expert.
-
-Worked example, world 4, ``ep=2``: ep groups [0,1] [2,3], edp groups [0,2] [1,3]. Dense ZeRO
-partitions span all 4 ranks; the partitions of expert 0's weights (held by ranks 0 and 2) span
-[0,2]. ``ep=4``: ep group [0,1,2,3], edp groups of one rank each, so expert optimizer state is
-not partitioned at all (each rank is the only holder of its experts).
+One source of truth: batch sizes, clipping, precision, ZeRO stage and buckets come from moe_dist's
+config; ``zero.ds_config`` may add other DeepSpeed keys, never override these
+(:data:`GENERATED_KEYS`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from moe_dist.config import Config, ConfigError, grad_accum_steps
-from moe_dist.distributed.expert_parallel import is_expert_param
 from moe_dist.train.optim import param_groups as weight_decay_groups
-
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-
-    from moe_dist.distributed.mesh import ParallelMesh
-
-logger = logging.getLogger(__name__)
 
 GENERATED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "gradient_clipping", "bf16", "fp16", "zero_optimization", "optimizer", "scheduler",
                   "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer")
 """Top-level DeepSpeed keys moe_dist derives from its own config. ``zero.ds_config`` may not set
 them: a second source of truth for the batch size or the optimizer is refused, not merged."""
-
-
-# --------------------------------------------------------------------------------------------
-# 1. The DeepSpeed config
-# --------------------------------------------------------------------------------------------
-
-def expert_group_name(ep_size: int) -> str:
-    """DeepSpeed's registry key of the expert groups of degree ``ep_size``."""
-    return f"ep_size_{ep_size}"
 
 
 def build_ds_config(cfg: Config, dp_size: int, bf16: bool) -> dict[str, Any]:
@@ -135,71 +94,6 @@ def merge_user_config(generated: dict[str, Any], user: dict[str, Any]) -> dict[s
     return {**generated, **user}
 
 
-# --------------------------------------------------------------------------------------------
-# 2. The group bridge and the expert parameter groups
-# --------------------------------------------------------------------------------------------
-
-def _expert_data_parallel_group(mesh: ParallelMesh) -> ProcessGroup:
-    """The edp group as a real process group, also when it holds one rank (DeepSpeed asks its
-    size and partitions over it; ``None`` would mean the whole world there)."""
-    if mesh.edp_group is not None:
-        return mesh.edp_group
-    assert mesh.moe_mesh is not None, "a distributed mesh has a MoE DeviceMesh"
-    return mesh.moe_mesh["edp"].get_group()
-
-
-def register_expert_groups(mesh: ParallelMesh) -> str | None:
-    """Store moe_dist's ep and edp groups in DeepSpeed's registry; return the group name.
-
-    Returns ``None`` when ``ep == 1`` (experts are then replicated like dense parameters and
-    need no expert groups). Raises if the registry already holds *different* groups under the
-    same name, e.g. created by DeepSpeed's own ``_create_expert_and_data_parallel``.
-    """
-    if mesh.ep_size == 1:
-        return None
-    import torch.distributed as dist
-    from deepspeed.utils import groups
-
-    name = expert_group_name(mesh.ep_size)
-    ep_group, edp_group = mesh.ep_group, _expert_data_parallel_group(mesh)
-    assert ep_group is not None
-    for registry, group in ((groups._EXPERT_PARALLEL_GROUP, ep_group),
-                            (groups._EXPERT_DATA_PARALLEL_GROUP, edp_group)):
-        existing = registry.get(name)
-        if existing is not None and existing is not group:
-            raise RuntimeError(f"DeepSpeed's group registry already holds {name} with ranks "
-                               f"{dist.get_process_group_ranks(existing)}; moe_dist registers its own mesh "
-                               "groups and cannot run beside groups DeepSpeed created itself")
-    groups._EXPERT_PARALLEL_GROUP[name] = ep_group
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mesh.group_ranks("ep")
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mesh.group_ranks("edp")
-    return name
-
-
-def deepspeed_expert_ranks(group_name: str) -> dict[str, list[int]]:
-    """The global ranks DeepSpeed will use for this rank's ep and edp groups (for tests and
-    ``--dry-run``): read back through DeepSpeed's own accessors."""
-    import torch.distributed as dist
-    from deepspeed.utils import groups
-
-    return {"ep": dist.get_process_group_ranks(groups._get_expert_parallel_group(group_name)),
-            "edp": dist.get_process_group_ranks(groups._get_expert_data_parallel_group(group_name)),
-            "ep_recorded": list(groups._get_expert_parallel_group_ranks(group_name)),
-            "edp_recorded": list(groups._get_expert_data_parallel_group_ranks(group_name))}
-
-
-def tag_expert_params(model: nn.Module, group_name: str) -> int:
-    """DeepSpeed's MoE tags on every moe_dist expert parameter; returns how many were tagged."""
-    count = 0
-    for param in model.parameters():
-        if is_expert_param(param):
-            param.allreduce = False  # type: ignore[attr-defined]
-            param.group_name = group_name  # type: ignore[attr-defined]
-            count += 1
-    return count
-
-
 def optimizer_param_groups(model: nn.Module, weight_decay: float, group_name: str | None) -> list[dict]:
     """moe_dist's weight-decay groups, with expert parameters split into ``moe=True`` groups.
 
@@ -212,78 +106,3 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, group_name: st
 
         groups_ = split_params_into_different_moe_groups_for_optimizer(groups_)
     return [g for g in groups_ if g["params"]]
-
-
-# --------------------------------------------------------------------------------------------
-# 3. The engine
-# --------------------------------------------------------------------------------------------
-
-def _engine_class():
-    from deepspeed.moe.utils import is_moe_param
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    class ExpertParallelEngine(DeepSpeedEngine):
-        """A DeepSpeedEngine that counts tagged expert parameters as MoE layers.
-
-        DeepSpeed sets ``has_moe_layers`` only for its own ``MoE`` modules; with moe_dist's layers
-        it would stay False and the ZeRO optimizer would partition expert state over the whole
-        world, mixing different ranks' experts. Everything else is DeepSpeed's own code path.
-        """
-
-        def _configure_distributed_model(self, model: nn.Module) -> None:
-            super()._configure_distributed_model(model)
-            if any(is_moe_param(p) for p in self.module.parameters()):
-                self.has_moe_layers = True
-
-    return ExpertParallelEngine
-
-
-def init_deepspeed_comm(backend: str, local_rank: int) -> None:
-    """Attach DeepSpeed's comm layer to the process group moe_dist already created.
-
-    DeepSpeedEngine reads the local rank from ``os.environ['LOCAL_RANK']`` and nowhere else.
-    torchrun and the deepspeed launcher set it; Slurm's srun and test harnesses do not, so the
-    value moe_dist's launcher contract resolved (``LaunchEnv.local_rank``) is written there. A
-    different value already there is a launcher inconsistency and is refused.
-    """
-    import deepspeed
-
-    env_value = os.environ.get("LOCAL_RANK")
-    if env_value is None:
-        os.environ["LOCAL_RANK"] = str(local_rank)
-    elif int(env_value) != local_rank:
-        raise RuntimeError(f"LOCAL_RANK={env_value} in the environment but the launcher contract resolved "
-                           f"local rank {local_rank}; check the launcher's variables (moe-dist train --dry-run)")
-    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
-
-
-def build_engine(model: nn.Module, cfg: Config, mesh: ParallelMesh, *, bf16: bool, backend: str,
-                 local_rank: int):
-    """Wrap ``model`` (already expert-parallel: :func:`apply_ep` ran) in a DeepSpeed engine.
-
-    Steps: attach DeepSpeed's comm layer to our process group, register our expert groups,
-    tag expert params, build the torch AdamW with dense/expert groups, then the engine (which
-    wraps AdamW in the ZeRO optimizer and drives the scheduler). Returns the engine.
-    """
-    from deepspeed import set_optimizer_flags
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    from moe_dist.train.optim import build_scheduler
-
-    init_deepspeed_comm(backend, local_rank)
-    group_name = register_expert_groups(mesh)
-    if group_name is not None:
-        tag_expert_params(model, group_name)
-    train = cfg.train
-    ds_config = build_ds_config(cfg, mesh.dp_size, bf16)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, train.weight_decay, group_name), lr=train.lr,
-                                  betas=(train.beta1, train.beta2), eps=1e-8, foreach=False)
-    config_class = DeepSpeedConfig(ds_config, None)
-    set_optimizer_flags(config_class, model)
-    engine = _engine_class()(args=None, model=model, optimizer=optimizer,
-                             lr_scheduler=lambda opt: build_scheduler(opt, train),
-                             dist_init_required=False, config=ds_config, config_class=config_class)
-    if group_name is not None and not engine.has_moe_layers:
-        raise RuntimeError("DeepSpeed did not register the expert parameters as MoE parameters; "
-                           "check the deepspeed version (moe_dist was written against 0.19.8)")
-    return engine

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.distributed import comms
-from moe_dist.distributed.expert_parallel import mark_expert_param
+from moe_dist.distributed.param_tags import mark_expert_param
+from moe_dist.models.peer import PEERLayer
+from moe_dist.models.stratified import StratifiedMoELayer
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -93,8 +95,6 @@ def apply_peer_ep(model: nn.Module, mesh: ParallelMesh) -> int:
     Tables are tagged as expert parameters (gradients reduced over edp, norm summed over ep)
     even when ep = 1, like ``apply_ep`` does for MoE experts.
     """
-    from moe_dist.models.peer import PEERLayer
-
     layers = [m for m in model.modules() if isinstance(m, PEERLayer)]
     for layer in layers:
         tables = (layer.down, layer.up)
@@ -105,21 +105,20 @@ def apply_peer_ep(model: nn.Module, mesh: ParallelMesh) -> int:
             if layer.down.weight.shape[0] != layer.num_experts:
                 raise ValueError("PEER tables already sharded; apply_peer_ep must run once on a fresh model")
             rows = layer.num_experts // mesh.ep_size
-            start = mesh.ep_rank * rows
+            start = mesh.ep_rank * rows  # contiguous equal blocks, as DCP's Shard(0) expects
             with torch.no_grad():
                 for table in tables:
                     table.weight = nn.Parameter(table.weight[start:start + rows].clone())
                     table.num_embeddings = rows
             layer.set_table_lookup(ShardedTableLookup(mesh.ep_group, mesh.ep_rank, mesh.ep_size, rows))
+        start = mesh.ep_rank * layer.down.weight.shape[0] if mesh.ep_size > 1 else 0
         for table in tables:
-            mark_expert_param(table.weight)
+            mark_expert_param(table.weight, offset=start)
     return len(layers)
 
 
 def apply_stratified_agreement(model: nn.Module, mesh: ParallelMesh) -> int:
     """Install the per-pass MAX all-reduce over the ep group in every stratified MoE layer."""
-    from moe_dist.models.stratified import StratifiedMoELayer
-
     layers = [m for m in model.modules() if isinstance(m, StratifiedMoELayer)]
     if mesh.ep_size > 1:
         for layer in layers:

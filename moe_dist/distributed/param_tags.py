@@ -1,0 +1,63 @@
+"""How a parallelized model tells the generic layer what each parameter is.
+
+The models' parallelize code (``models/tensor_parallel.py``, ``models/expert_parallel.py``,
+``models/peer_parallel.py``) tags parameters as it shards them; gradient reduction, norm
+clipping and checkpoints (this package) read only the tags, never the model classes:
+
+* **expert shard** (:func:`mark_expert_param`): rows ``[offset, offset + rows)`` of a tensor
+  whose dim 0 is split in equal contiguous blocks over the ep group. Reduced over edp, norm
+  summed over ep, written to checkpoints as block ``ep_rank`` of dim 0.
+* **tp shard** (``_tp_sharded`` + ``_tp_shard_dim``): split over the tp group along one dim;
+  reduced over dp only, norm summed over tp.
+* **tp partial gradient** (``_tp_partial_grad``): replicated over tp, but each tp rank saw only its
+  own tokens, so the gradient is summed over tp before the dp average.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXPERT = "_moe_expert"
+EXPERT_OFFSET = "_moe_expert_offset"
+TP_SHARDED = "_tp_sharded"
+TP_SHARD_DIM = "_tp_shard_dim"
+TP_PARTIAL_GRAD = "_tp_partial_grad"
+
+
+def mark_expert_param(param: torch.Tensor, offset: int = 0) -> None:
+    """Tag ``param`` as an expert shard whose row 0 is global row ``offset`` along dim 0."""
+    setattr(param, EXPERT, True)
+    setattr(param, EXPERT_OFFSET, offset)
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    return bool(getattr(param, EXPERT, False))
+
+
+def expert_offset(param: torch.Tensor) -> int:
+    """Global index of this shard's first row along dim 0 (0 when not sharded)."""
+    return int(getattr(param, EXPERT_OFFSET, 0))
+
+
+def mark_tp_shard(param: torch.Tensor, dim: int) -> None:
+    setattr(param, TP_SHARDED, True)
+    setattr(param, TP_SHARD_DIM, dim)
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    """A dense parameter split over the tp group (its norm is summed over tp)."""
+    return bool(getattr(param, TP_SHARDED, False))
+
+
+def tp_shard_dim(param: torch.Tensor) -> int | None:
+    """The dim along which this parameter is split over tp, or None if it is not split."""
+    return getattr(param, TP_SHARD_DIM, None)
+
+
+def mark_tp_partial_grad(param: torch.Tensor) -> None:
+    setattr(param, TP_PARTIAL_GRAD, True)
+
+
+def is_tp_partial_grad(param: torch.Tensor) -> bool:
+    """Replicated over tp, gradient partial per tp rank: sum it over the tp group."""
+    return bool(getattr(param, TP_PARTIAL_GRAD, False))
