@@ -17,9 +17,15 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel degree: experts are sharded over groups of `ep` ranks. 1 disables it."""
     etp: int = 1
-    """Expert tensor parallelism (each expert split over `etp` ranks). 1 disables it."""
+    """Expert tensor parallelism (each expert split over `etp` ranks). Not supported yet: any
+    value but 1 is refused before the run starts, until expert tensor parallelism lands."""
     sequence_parallel: bool = True
     """With tp > 1, each TP rank routes its own slice of the sequence."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state with FSDP2 (torch ``fully_shard``): dense
+    weights over the dp ranks, expert weights over the edp ranks; bf16 compute with fp32
+    gradient reduction on CUDA. Native engine, tp=1 and model.arch=transformer only. False keeps
+    full replicas and moe_dist's own gradient all-reduce."""
     collective_timeout_s: float = 300.0
     """A collective that does not finish in this many seconds aborts every rank."""
 
@@ -96,6 +102,10 @@ class TrainConfig:
     """Where to train. 'auto' picks CUDA when available."""
     engine: Literal["native", "deepspeed"] = "native"
     """'native' is moe_dist's own loop; 'deepspeed' wraps the model in a DeepSpeed engine."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in backward instead of keeping them: 'selective' recomputes the
+    attention (projections, RoPE, SDPA) and the expert MLPs, 'full' every block (it keeps only the
+    block inputs). Routing statistics are counted once either way. 'none' keeps everything."""
 
     def __post_init__(self) -> None:
         require(self.steps > 0, f"train.steps ({self.steps}) must be positive")

@@ -70,7 +70,8 @@ class StratifiedMoELayer(MoELayer):
         self.strata = list(cfg.strata)
         self.offsets = [sum(self.strata[:l]) for l in range(len(self.strata))]
         self.top_k = moe_cfg.router.top_k
-        stratum_of_expert = torch.repeat_interleave(torch.arange(len(self.strata)), torch.tensor(self.strata))
+        stratum_of_expert = torch.repeat_interleave(  # output_size: also builds on the meta device
+            torch.arange(len(self.strata)), torch.tensor(self.strata), output_size=sum(self.strata))
         self.register_buffer("stratum_of_expert", stratum_of_expert, persistent=False)
         # Gate of stratum 0 is self.router (all E experts); strata 1.. see experts o_l..E-1.
         self.upper_gates = nn.ModuleList(nn.Linear(dim, moe_cfg.num_experts - o, bias=False)

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from moe_dist.config import Config, ConfigError, grad_accum_steps
+from moe_dist.config.errors import with_path
 from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
 from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress,
                               build_sinks)
 from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
+from moe_dist.models.activation_checkpointing import apply_activation_checkpointing
 from moe_dist.models.registry import build_model
 from moe_dist.moe.routing import state as routing_state
 from moe_dist.train.runtime import Runtime
@@ -67,6 +69,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
+        apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.model.to(self.device)
         self._configure_parallelism()
 
@@ -141,7 +144,8 @@ class Trainer:
         cfg = self.cfg
         self.maybe_resume()
         self.rt.agree_before_training(self.model, cfg)
-        # Built after resuming, which may have truncated metrics.jsonl to the checkpoint's step.
+        if self.rt.is_logging_rank:  # drop what an interrupted attempt logged past the resumed step (or step 0)
+            truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
         self.metrics = build_sinks(self.run_dir, cfg.log, self.rt.is_logging_rank)
         self.metrics.text("config", f"```\n{cfg.to_yaml()}\n```")
         self.throughput = ThroughputMeter(self.device)
@@ -207,8 +211,24 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     metrics.jsonl reads as one uninterrupted run."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    kept, dropped = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off when the run was killed mid-write
+            dropped.append(line)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= after_step:
+            kept.append(line)
+    if dropped:
+        logger.warning("%s: dropped %d unreadable line(s), cut off when the run was killed: %.80r",
+                       path, len(dropped), dropped[0])
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)  # atomic: on failure the old file is left as it was
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise with_path(exc, path, "cannot rewrite metrics.jsonl") from exc
