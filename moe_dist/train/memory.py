@@ -68,6 +68,9 @@ class MemoryEstimate:
 
     total_params: int
     """Parameters of the whole model."""
+    active_params: int
+    """Parameters one token uses: routed experts count ``top_k / num_experts`` of their weights
+    (``top_k`` is the cap for variable-k routers, so this is an upper bound for them)."""
     rank_params: int
     """Parameters one rank holds after TP/EP sharding."""
     params: float
@@ -91,7 +94,7 @@ class MemoryEstimate:
             return f"{value / GIB:8.2f} GiB"
 
         lines = [f"memory per rank (estimate; model {self.total_params / 1e9:.3f} B parameters, "
-                 f"{self.rank_params / 1e9:.3f} B on each rank):",
+                 f"{self.active_params / 1e9:.3f} B active per token, {self.rank_params / 1e9:.3f} B on each rank):",
                  f"  parameters   {gib(self.params)}",
                  f"  gradients    {gib(self.gradients)}",
                  f"  optimizer    {gib(self.optimizer)}"
@@ -162,6 +165,8 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     with torch.device("meta"):
         model = build_model(model_cfg, cfg.moe)
     total, dense, experts = _shard_counts(model, layout)
+    routed = sum(p.numel() * (1 - min(cfg.moe.router.top_k, m.num_experts) / m.num_experts)
+                 for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
 
     on_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and (on_gpu or device_memory is not None))
@@ -191,5 +196,5 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     vocab_local = model_cfg.vocab_size  # logits are gathered to the full vocabulary per rank
     output = tokens * (4 * model_cfg.dim + 2 * vocab_local * act_bytes)
     activations = tokens * per_token + output
-    return MemoryEstimate(total, dense + experts, params, gradients, optimizer, on_host, activations,
+    return MemoryEstimate(total, int(round(total - routed)), dense + experts, params, gradients, optimizer, on_host, activations,
                           device_memory)

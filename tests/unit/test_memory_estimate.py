@@ -33,6 +33,7 @@ def _estimate(*overrides, world_size=1, checkpointing="none"):
 def test_single_process_counts_every_parameter_at_16_bytes():
     est = _estimate()
     assert est.total_params == TOTAL and est.rank_params == TOTAL
+    assert est.active_params == TOTAL - EXPERTS // 2  # top-2 of 4 experts
     assert (est.params, est.gradients, est.optimizer) == (4 * TOTAL, 4 * TOTAL, 8 * TOTAL)
 
 
@@ -104,3 +105,16 @@ def test_a_30b_config_is_built_on_the_meta_device():
 def test_world_size_needs_dry_run(capsys):
     assert main(["train", "--world-size", "8"]) == 2
     assert "use them with --dry-run" in capsys.readouterr().err
+
+
+def test_the_guide_table_of_scale_configs_is_what_the_estimate_says():
+    guide = (CONFIGS.parent / "docs" / "guide" / "large-models.md").read_text()
+    rows = re.findall(r"\| `(\w+\.yaml)` \| ([\d.]+)B \(([\d.]+)B\) \| .*? \| ([\d.]+) GiB \|", guide)
+    assert len(rows) == 4
+    for name, total_b, active_b, total_gib in rows:
+        path = CONFIGS / "scale" / name
+        est = estimate_memory(load_config(str(path), []), _documented_world_size(path), 80 * GIB,
+                              load_config(str(path), []).train.activation_checkpointing)
+        assert round(est.total_params / 1e9, len(total_b.split(".")[1])) == float(total_b), name
+        assert round(est.active_params / 1e9, len(active_b.split(".")[1])) == float(active_b), name
+        assert round(est.total / GIB, 1) == float(total_gib), name
