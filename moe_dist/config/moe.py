@@ -50,9 +50,15 @@ class RouterConfig:
     top_k: int = 2
     """Experts per token for fixed-k routers (the maximum for variable-k ones)."""
     normalize_weights: bool = True
-    """Renormalise the selected gate values to sum to one per token."""
+    """Renormalise the selected gate values to sum to one per token. Never applied with one
+    expert per token (top_k=1): the single weight would be exactly 1 and the router would get no
+    gradient from the task loss (Megatron-core does the same)."""
     aux_loss_coef: float = 0.01
-    """Weight of the Switch/GShard load-balancing loss. 0 disables it."""
+    """Weight of the load-balancing loss E * sum_i f_i P_i (form: aux_loss_type). 0 disables it."""
+    aux_loss_type: Literal["assignments", "top1"] = "assignments"
+    """What f_i of aux_loss counts: 'assignments' is expert i's share of all T*top_k routed
+    assignments (Mixtral, Megatron-core); 'top1' is the share of tokens whose first choice is
+    expert i (Switch Transformer, GShard). The same for top_k=1. Top-k routers only."""
     seq_aux_loss_coef: float = 0.0
     """Weight of the DeepSeek-V3 sequence-level balancing loss. 0 disables it."""
     z_loss_coef: float = 0.001
@@ -95,6 +101,11 @@ class RouterConfig:
             require(self.type not in ("expert_choice", "top_any"),
                      f"moe.router.bias_update_rate ({self.bias_update_rate}) has no meaning for router "
                      f"type '{self.type}' (it balances by construction / by its thresholds); set it to 0")
+        if self.aux_loss_type == "top1":
+            require(self.type in ("softmax_topk", "sigmoid_topk"),
+                     f"moe.router.aux_loss_type='top1' counts each token's first choice, which only the top-k "
+                     f"routers have; router type '{self.type}' uses its valid assignments: set aux_loss_type="
+                     "'assignments'")
         if self.adaptive.enabled:
             require(self.type == "top_any",
                      f"moe.router.adaptive.enabled needs moe.router.type='top_any', got '{self.type}'")

@@ -268,10 +268,13 @@ class GroupRouterLosses:
     def _shares(self, router: nn.Module, result: RoutingResult, seq_len: int | None) -> dict[str, torch.Tensor]:
         scores_TE = result.scores
         num_tokens, num_experts = scores_TE.shape
-        want_seq = isinstance(router, TopKRouter) and "seq_aux_loss" in result.losses and bool(seq_len)
-        stats = [torch.tensor([num_tokens], device=scores_TE.device), result.tokens_per_expert]
+        top_k_router = isinstance(router, TopKRouter)
+        want_seq = top_k_router and "seq_aux_loss" in result.losses and bool(seq_len)
+        counted_TK = router.counted_indices(scores_TE, result.indices) if top_k_router else result.indices
+        counts_E, choices = router.aux_counts(counted_TK) if top_k_router else (result.tokens_per_expert, 0)
+        stats = [torch.tensor([num_tokens], device=scores_TE.device), counts_E]
         if want_seq:
-            stats.append(balance.per_sequence_counts(result.indices, num_experts, seq_len).flatten())
+            stats.append(balance.per_sequence_counts(counted_TK, num_experts, seq_len).flatten())
         stats_global = comms.all_reduce(torch.cat([s.to(torch.int64) for s in stats]), "sum", self.group)
         total_tokens = stats_global[0].to(scores_TE.dtype)
         token_share = num_tokens / total_tokens
@@ -279,15 +282,15 @@ class GroupRouterLosses:
         shares = {name: value * token_share for name, value in result.losses.items()}
         if not isinstance(router, TopKRouter):
             return shares
-        cfg, top_k = router.cfg, result.top_k
+        cfg = router.cfg
         if "aux_loss" in result.losses:
             probs_TE = scores_TE if cfg.type != "sigmoid_topk" else scores_TE / scores_TE.sum(-1, keepdim=True)
             shares["aux_loss"] = cfg.aux_loss_coef * balance.switch_aux_loss(
-                probs_TE, stats_global[1:1 + num_experts], top_k, total_tokens=total_tokens)
+                probs_TE, stats_global[1:1 + num_experts], choices, total_tokens=total_tokens)
         if want_seq:
             counts_BE = stats_global[1 + num_experts:].view(num_tokens // seq_len, num_experts)
             shares["seq_aux_loss"] = cfg.seq_aux_loss_coef * balance.sequence_aux_loss(
-                scores_TE, result.indices, seq_len, global_counts_BE=counts_BE, global_seq_len=seq_len * self.size)
+                scores_TE, counted_TK, seq_len, global_counts_BE=counts_BE, global_seq_len=seq_len * self.size)
         return shares
 
     def _with_group_total(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

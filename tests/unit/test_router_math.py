@@ -98,3 +98,47 @@ def test_sigmoid_router_normalises_selected_scores():
     result = router(torch.tensor([[1.0, 0.0, -1.0]]))
     s = torch.sigmoid(torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(result.weights[0], s / s.sum())
+
+
+# p1 = [.5, .3, .2] -> top-2 {0, 1}; p2 = [.1, .6, .3] -> top-2 {1, 2}; P = mean p = [.3, .45, .25].
+TWO_TOKENS = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))
+
+
+def test_aux_loss_counts_all_assignments_or_the_first_choice():
+    assignments = _identity_router(3, top_k=2, aux_loss_coef=1.0, z_loss_coef=0)(TWO_TOKENS)
+    # f = [1, 2, 1] / (T*K = 4): 3 * (.25*.3 + .5*.45 + .25*.25) = 1.0875 (Mixtral, Megatron-core)
+    assert assignments.losses["aux_loss"].item() == pytest.approx(1.0875, rel=1e-6)
+    top1 = _identity_router(3, top_k=2, aux_loss_coef=1.0, z_loss_coef=0, aux_loss_type="top1")(TWO_TOKENS)
+    # first choices 0 and 1: f = [.5, .5, 0]: 3 * (.5*.3 + .5*.45) = 1.125 (Switch, GShard)
+    assert top1.losses["aux_loss"].item() == pytest.approx(1.125, rel=1e-6)
+    assert top1.indices.tolist() == assignments.indices.tolist()  # only the loss differs
+
+
+def test_aux_loss_counts_the_unbiased_top_k_when_the_selection_is_biased():
+    router = _identity_router(3, top_k=2, aux_loss_coef=1.0, seq_aux_loss_coef=1.0, z_loss_coef=0,
+                              bias_update_rate=1e-3)
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    result = router(TWO_TOKENS, seq_len=2)
+    assert [sorted(row) for row in result.indices.tolist()] == [[0, 2], [1, 2]]  # the bias moved the selection
+    assert result.losses["aux_loss"].item() == pytest.approx(1.0875, rel=1e-6)  # biased counting: 0.9375
+    unbiased = _identity_router(3, top_k=2, aux_loss_coef=1.0, seq_aux_loss_coef=1.0, z_loss_coef=0)
+    torch.testing.assert_close(result.losses["seq_aux_loss"], unbiased(TWO_TOKENS, seq_len=2).losses["seq_aux_loss"])
+
+
+def test_top1_aux_loss_is_refused_for_variable_k_routers():
+    from moe_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="aux_loss_type='top1'.*top_p"):
+        RouterConfig(type="top_p", aux_loss_type="top1")
+
+
+@pytest.mark.parametrize("kind", ["sigmoid_topk", "softmax_topk"])
+def test_one_expert_per_token_keeps_the_router_gradient(kind):
+    router = _identity_router(4, type=kind, top_k=1, aux_loss_coef=0, z_loss_coef=0)  # normalize_weights=True
+    x = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 1.0]])
+    result = router(x)
+    scores = torch.sigmoid(x) if kind == "sigmoid_topk" else torch.softmax(x, -1)
+    torch.testing.assert_close(result.weights[:, 0], scores.max(-1).values)  # the gate value, not 1
+    result.weights.sum().backward()
+    assert router.weight.grad.abs().sum() > 0.1

@@ -60,7 +60,7 @@ class TopKRouter(nn.Module):
             selection_TE = scores_TE + bias_E if bias_E is not None else scores_TE
             _, indices_TK = torch.topk(selection_TE.detach(), self.top_k, dim=-1, sorted=True)
         weights_TK = scores_TE.gather(1, indices_TK)
-        if self.cfg.normalize_weights and (self.top_k > 1 or self.cfg.type == "sigmoid_topk"):
+        if self.cfg.normalize_weights and self.top_k > 1:  # k=1: a renormalised weight is 1, no gradient
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         tokens_per_expert = count_per_expert(indices_TK.flatten(), self.num_experts)  # no host sync
@@ -69,19 +69,38 @@ class TopKRouter(nn.Module):
         losses = self._losses(logits_TE, scores_TE, indices_TK, tokens_per_expert, seq_len)
         return RoutingResult(indices_TK, weights_TK, None, scores_TE, tokens_per_expert, losses)
 
+    def counted_indices(self, scores_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        """The expert choices the balance losses count: the selection itself, or, with the
+        auxiliary-loss-free bias, the unbiased top-k of the scores (DeepSeek-V3 defines f_i on the
+        affinities, and Megatron-core counts it so too)."""
+        if self.cfg.bias_update_rate > 0:
+            _, indices_TK = torch.topk(scores_TE.detach(), self.top_k, dim=-1, sorted=True)
+        return indices_TK
+
+    def aux_counts(self, counted_TK: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(per-expert counts [E], choices per token) behind aux_loss's f_i: every assignment, or
+        each token's first choice with ``aux_loss_type='top1'`` (Switch, GShard)."""
+        if self.cfg.aux_loss_type == "top1":
+            counted_TK = counted_TK[:, :1]
+        return count_per_expert(counted_TK.flatten(), self.num_experts), counted_TK.shape[1]
+
     def _losses(self, logits_TE, scores_TE, indices_TK, tokens_per_expert, seq_len):
         cfg = self.cfg
         losses: dict[str, torch.Tensor] = {}
         if not self.training:
             return losses
+        counted_TK = self.counted_indices(scores_TE, indices_TK)
         if cfg.aux_loss_coef > 0:
             probs_TE = scores_TE if cfg.type != "sigmoid_topk" else \
                 scores_TE / scores_TE.sum(-1, keepdim=True)
-            losses["aux_loss"] = cfg.aux_loss_coef * balance.switch_aux_loss(
-                probs_TE, tokens_per_expert, self.top_k)
+            if counted_TK is indices_TK and cfg.aux_loss_type == "assignments":
+                counts_E, choices = tokens_per_expert, self.top_k  # already counted
+            else:
+                counts_E, choices = self.aux_counts(counted_TK)
+            losses["aux_loss"] = cfg.aux_loss_coef * balance.switch_aux_loss(probs_TE, counts_E, choices)
         if cfg.seq_aux_loss_coef > 0 and seq_len:
             losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * balance.sequence_aux_loss(
-                scores_TE, indices_TK, seq_len)
+                scores_TE, counted_TK, seq_len)
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = cfg.z_loss_coef * balance.z_loss(logits_TE)
         return losses
