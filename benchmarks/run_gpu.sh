@@ -3,7 +3,7 @@
 # summary table last. Run from the repository root on the GPU machine:
 #
 #   bash benchmarks/run_gpu.sh [stages...]
-#     stages: tests layer dispatch train train_compile layer_compile profile train_reference
+#     stages: tests syncs layer dispatch train train_compile layer_compile profile train_reference
 #     (default: all but train_reference, in that order)
 #
 # Results go to $OUT (default /tmp/moe_dist_gpu): results.jsonl (one JSON line per result),
@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-/tmp/moe_dist_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGES=${*:-tests layer dispatch train train_compile layer_compile profile}
+STAGES=${*:-tests syncs layer dispatch train train_compile layer_compile profile}
 # Optional narrowing for short runs, e.g. TESTS=tests/gpu/test_cross_entropy_gpu.py
 # LAYER_ARGS="--shapes mixtral" TRAIN_ARGS="--models moe".
 TESTS=${TESTS:-tests/gpu}
@@ -44,8 +44,12 @@ for stage in $STAGES; do
   case $stage in
     tests)
       stamp "start tests"
-      timeout 90 python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log" | tail -5
+      timeout 300 python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log" | tail -5
       stamp "end tests" ;;
+    syncs)  # host syncs per router x capacity policy, one GPU and a fake 4-rank ep group
+      stamp "start syncs"
+      timeout 240 python3 tests/gpu/test_host_syncs_gpu.py 2>&1 | tee "$OUT/syncs.md"
+      stamp "end syncs" ;;
     layer) run layer 180 python3 -m benchmarks.moe_layer $LAYER_ARGS ;;
     layer_compile) run layer_compile 150 python3 -m benchmarks.moe_layer --systems moe_dist_compiled ;;
     dispatch) run dispatch 90 python3 -m benchmarks.dispatch ;;

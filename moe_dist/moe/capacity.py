@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from moe_dist.moe.dispatch.permutation import count_per_expert
+
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
                     min_capacity: int = 1) -> int:
@@ -41,7 +43,7 @@ def positions_in_expert(indices_TK: torch.Tensor, num_experts: int, valid_TK: to
         order_N = torch.argsort(slot_N * 4.0 - torch.sigmoid(prio_N), stable=True)
     expert_in_order = experts_N[order_N]
     sorted_experts, by_expert = torch.sort(expert_in_order, stable=True)
-    counts = torch.bincount(sorted_experts, minlength=num_experts + 1)
+    counts = count_per_expert(sorted_experts, num_experts + 1)  # no host sync on CUDA
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(n, device=indices_TK.device) - starts[sorted_experts]
     positions_N = torch.empty(n, dtype=torch.long, device=indices_TK.device)

@@ -5,7 +5,10 @@ busiest expert needs, ``C = max over the EP group of max_e count_e`` (counts per
 the unit every capacity here uses). With ``capacity_factor > 0`` it is bounded by Tutel's
 ``k * int(CF * ceil(T / E))``. Unbounded, nothing is dropped and every rank agrees on one C.
 The reduction is injected: expert parallelism sets ``layer.capacity_reduce_fn`` (an all-reduce
-MAX over the ep group, in place or returning the result); None means one process.
+MAX over the ep group, in place or returning the result); None means one process. C is read to
+the host (it is an int for the capacity rule and the logs): one device-to-host sync per layer
+forward on the GPU, the only one of a 'dynamic' layer on one GPU (docs/parallelism.md counts
+them, ``tests/gpu/test_host_syncs_gpu.py`` proves the count).
 
 'controller': a closed loop that moves the capacity factor to hold ``target_drop_rate`` below
 the memory ceiling ``max_capacity_factor``. Each step's dropped and routed counts are summed
@@ -16,8 +19,9 @@ over every rank routing different tokens (the same ``reduce_fn`` as the loss-fre
     log(cf) += controller_gain * e,   cf clipped to [MIN_CAPACITY_FACTOR, max_capacity_factor]
 
 and ``C = ceil(cf * T * K / E)`` as for 'fixed'. The factor is a buffer changed only from
-all-reduced counts, so it is identical on every rank and saved in checkpoints. At evaluation
-the controller uses ``eval_capacity_factor``.
+all-reduced counts, so it is identical on every rank and saved in checkpoints; the forward uses
+its host copy, refreshed once per optimizer step, so a 'controller' layer does not sync. At
+evaluation the controller uses ``eval_capacity_factor``.
 
 Both policies keep per-step statistics in :class:`CapacityState` (one per layer) and expose
 them through :func:`capacity_metrics` for logging.

@@ -8,6 +8,10 @@ the expert weights and installs it.
 Shapes: T local tokens, K slots, N = T*K assignments, D hidden, E global experts,
 P = ep_size ranks, L = E / P local experts, C per-expert capacity, R received rows.
 
+Under CUDA autocast the rows are cast to the autocast dtype before anything else, as
+:class:`~moe_dist.moe.dispatch.local.LocalDispatcher` does: an fp32 residual stream then sends
+bf16 rows over the wire (half the bytes) and the experts get the dtype their grouped GEMM needs.
+
 Dropless dispatch (splits depend on the routing):
 
 1. permute the local assignments by global expert id (invalid/dropped ones sort last under a
@@ -21,7 +25,8 @@ Dropless dispatch (splits depend on the routing):
 
 Capacity-bounded dispatch (``capacity_fn`` returns C): every source rank sends exactly C rows per
 expert (zero rows where the expert got fewer), so every split is ``L*C`` and known without any
-sync; the receive buffer [P, L, C, D] is transposed to [L, P, C, D] and each local expert
+sync (none on the GPU, proven by ``tests/gpu/test_host_syncs_gpu.py``); the receive buffer
+[P, L, C, D] is transposed to [L, P, C, D] and each local expert
 computes P*C rows (the zero padding rows give zero outputs and zero weight gradients, and are
 never gathered back). Combine inverts each step: re-sort back, all-to-all back, un-permute with
 the combine weights.
@@ -43,6 +48,7 @@ import torch
 
 from moe_dist.distributed import comms
 from moe_dist.moe.dispatch.permutation import PermuteState, permute, unpermute
+from moe_dist.moe.experts import to_autocast_dtype
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -89,11 +95,14 @@ class AllToAllDispatcher:
         self.host_syncs = 0
         """Device-to-host copies on the hot path so far (one per dropless dispatch); read by benchmarks."""
         self.shape_checks = 0
-        """One-time agreements on a new token count in capacity mode (each one collective + sync)."""
+        """One-time agreements on a new token count in capacity mode (each one small all-reduce;
+        a host read on CPU, a device-side assert without host sync on CUDA)."""
         self._agreed_shapes: set[tuple[int, int]] = set()
 
     # dispatch ---------------------------------------------------------------------------------
     def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, valid_TK: torch.Tensor | None):
+        # Under CUDA autocast, the rows travel in the autocast dtype (as in LocalDispatcher).
+        x_TD = to_autocast_dtype(x_TD)
         x_sorted_ND, tokens_per_expert_E, state = permute(x_TD, indices_TK, self.num_experts, valid_TK)
         num_tokens, top_k = indices_TK.shape
         capacity = self.capacity_fn(num_tokens, top_k) if self.capacity_fn is not None else None
@@ -104,19 +113,32 @@ class AllToAllDispatcher:
 
     def _agree_on_shape(self, num_tokens: int, top_k: int, capacity: int, device: torch.device) -> None:
         """Static splits need the same capacity on every ep rank; check once per token count, so
-        that unequal micro-batches fail with a message instead of a mismatched all-to-all."""
+        that unequal micro-batches fail instead of running a mismatched all-to-all.
+
+        One small MAX all-reduce of ``[C, -C]`` per new ``(num_tokens, top_k)``. On the CPU the
+        result is read on the host (free there) and a mismatch raises ``ValueError`` on every
+        rank. On CUDA it is checked by a device-side assert queued before the first all-to-all,
+        with no host read (so the capacity path stays sync-free even on a new shape, e.g. under
+        CUDA-graph capture): a mismatch stops every rank with "device-side assert triggered"
+        (the same configuration on the CPU raises the ``ValueError`` that names both capacities).
+        """
         if (num_tokens, top_k) in self._agreed_shapes or self.ep_group is None:
             return
-        mine = torch.tensor([capacity, -capacity], dtype=torch.long, device=device)
-        comms.all_reduce(mine, "max", self.ep_group, self.record)
-        # NOTE: device-to-host sync, once per new (tokens, top_k) shape -- not on the hot path.
-        high, neg_low = mine.tolist()
+        # [C, -C] made on the device (no host-to-device copy, which would sync on CUDA).
+        bounds = capacity * (1 - 2 * torch.arange(2, device=device))
+        comms.all_reduce(bounds, "max", self.ep_group, self.record)
         self.shape_checks += 1
-        if high != -neg_low:
-            raise ValueError(f"fixed-capacity dispatch needs the same per-expert capacity on every ep rank, "
-                             f"but it ranges from {-neg_low} to {high} (this rank: {capacity}, from "
-                             f"{num_tokens} tokens x top_k {top_k}); give every rank equal micro-batches "
-                             "or use moe.capacity.policy=dropless")
+        mine = f"this rank: {capacity}, from {num_tokens} tokens x top_k {top_k}"
+        fix = "give every rank equal micro-batches or use moe.capacity.policy=dropless"
+        if bounds.is_cuda:
+            torch._assert_async(bounds[0] == -bounds[1],
+                                f"fixed-capacity dispatch needs the same per-expert capacity on every "
+                                f"ep rank ({mine}); {fix}")
+        else:
+            high, neg_low = bounds.tolist()  # a CPU tensor: no device sync
+            if high != -neg_low:
+                raise ValueError(f"fixed-capacity dispatch needs the same per-expert capacity on every ep rank, "
+                                 f"but it ranges from {-neg_low} to {high} ({mine}); {fix}")
         self._agreed_shapes.add((num_tokens, top_k))
 
     def _dispatch_dropless(self, x_sorted_ND, tokens_per_expert_E, state):

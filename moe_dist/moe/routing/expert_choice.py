@@ -37,9 +37,9 @@ class ExpertChoiceRouter(SoftmaxGate):
         num_tokens = x_TD.shape[0]
         per_expert = self.tokens_per_expert_for(num_tokens)
         _, tokens_EC = torch.topk(probs_TE.detach().t(), per_expert, dim=-1, sorted=True)  # [E, C]
-        chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
-        experts_EC = torch.arange(self.num_experts, device=x_TD.device).unsqueeze(1).expand_as(tokens_EC)
-        chosen_TE[tokens_EC, experts_EC] = True
+        # chosen[tokens_EC[e, c], e] = True. A scatter of a scalar, not ``chosen[idx, idx] = True``:
+        # that index_put copies the value from the host, which syncs on CUDA.
+        chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, tokens_EC.t(), True)
         indices_TE = torch.arange(self.num_experts, device=x_TD.device).expand(num_tokens, -1)
         return self.finish(indices_TE, probs_TE, chosen_TE, probs_TE, logits_TE, seq_len,
                            balance_losses=False)
