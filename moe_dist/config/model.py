@@ -52,9 +52,11 @@ class PEERConfig:
     """Experts per head k; at most sqrt(num_experts)."""
     query_dim: int = 128
     """Query width d_k (split into two halves of d_k/2); must be even. 0 means model.dim."""
-    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
-    """Normalisation of the query: BatchNorm over the batch (paper; per-rank statistics under
-    data parallelism), LayerNorm per token, or none."""
+    query_norm: Literal["batchnorm", "layernorm", "none"] = "layernorm"
+    """Normalisation of the query: LayerNorm per token (causal: the default for language
+    modelling), BatchNorm over the batch (the paper's; its training statistics mix every token of
+    the batch, later positions included, so it is not causal; per-rank statistics under data
+    parallelism), or none."""
     activation: Literal["gelu", "relu"] = "gelu"
     """Activation phi of the single-neuron experts."""
 

@@ -90,7 +90,7 @@ def test_million_expert_pool_without_n_sized_activations():
 def test_model_shapes_grads_stats_and_batchnorm():
     torch.manual_seed(0)
     model_cfg = ModelConfig(arch="peer", vocab_size=32, dim=16, n_layers=2, n_heads=2, max_seq_len=8,
-                            peer=PEERConfig(num_experts=64, heads=2, top_k=4, query_dim=8))
+                            peer=PEERConfig(num_experts=64, heads=2, top_k=4, query_dim=8, query_norm="batchnorm"))
     model = build(model_cfg, MoEConfig(num_experts=4, every=2))
     assert isinstance(model.layers[1].mlp, PEERLayer) and not isinstance(model.layers[0].mlp, PEERLayer)
     out = model(torch.randint(0, 32, (3, 8)))
