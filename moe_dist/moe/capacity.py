@@ -37,10 +37,11 @@ def positions_in_expert(indices_TK: torch.Tensor, num_experts: int, valid_TK: to
     if priority_TK is None:
         order_N = torch.arange(n, device=indices_TK.device)
     else:
-        # Within each slot, highest priority first; slots stay in order.
+        # Within each slot, highest priority first; slots stay in order. Two stable sorts (by
+        # priority, then by slot) compare priorities exactly: one fused float key merged near-ties.
         slot_N = torch.arange(top_k, device=indices_TK.device).repeat_interleave(num_tokens)
-        prio_N = priority_TK.t().reshape(n).float()
-        order_N = torch.argsort(slot_N * 4.0 - torch.sigmoid(prio_N), stable=True)
+        by_priority_N = torch.argsort(priority_TK.t().reshape(n), descending=True, stable=True)
+        order_N = by_priority_N[torch.argsort(slot_N[by_priority_N], stable=True)]
     expert_in_order = experts_N[order_N]
     sorted_experts, by_expert = torch.sort(expert_in_order, stable=True)
     counts = count_per_expert(sorted_experts, num_experts + 1)  # no host sync on CUDA

@@ -114,3 +114,18 @@ def test_moe_layer_all_tokens_on_one_expert_does_not_crash():
     out.sum().backward()
     assert layer.stats.kept.tolist() == [6, 6, 0, 0]
     assert torch.isfinite(out).all() and layer.experts.w13.grad[2].abs().sum() == 0
+
+
+def test_score_priority_keeps_the_higher_gate_in_a_near_tie():
+    from moe_dist.moe.capacity import apply_capacity
+
+    # Both tokens pick expert 0 first; gates 1.2e-7 apart. Capacity 1 keeps the higher one
+    # (token 1), as megatron-core and DeepSpeed do.
+    indices = torch.tensor([[0, 1], [0, 1]])
+    gates = torch.tensor([[0.5, 0.2], [0.5 + 1.2e-7, 0.2]])
+    assert gates[1, 0] > gates[0, 0]
+    kept = apply_capacity(indices, None, num_experts=2, capacity=1, scores_TK=gates)
+    assert kept.tolist() == [[False, True], [True, False]]
+    # Every first choice still precedes every second choice, whatever the gates.
+    kept = apply_capacity(torch.tensor([[0, 1], [1, 0]]), None, 2, 1, torch.tensor([[0.1, 0.9], [0.2, 0.8]]))
+    assert kept.tolist() == [[True, False], [True, False]]
