@@ -62,9 +62,28 @@ class ProgressBar:
 
 def build_progress(log_cfg: Any, total_steps: int, start_step: int, is_logging_rank: bool,
                    file: TextIO | None = None) -> ProgressBar:
-    """The bar for this rank: live on the logging rank when ``log.progress_bar`` is true."""
-    return ProgressBar(total_steps, start_step, enabled=bool(log_cfg.progress_bar and is_logging_rank),
+    """The bar for this rank: live on the logging rank when ``log.progress_bar`` is true and the
+    stream is a terminal (in a Slurm log a bar is only carriage returns; text lines replace it)."""
+    stream = file if file is not None else sys.stderr
+    interactive = bool(getattr(stream, "isatty", lambda: False)())
+    return ProgressBar(total_steps, start_step, enabled=bool(log_cfg.progress_bar and is_logging_rank and interactive),
                        file=file)
+
+
+def format_step_line(step: int, total_steps: int, record: dict[str, float]) -> str:
+    """One log line for a logging step, from host values: what the bar shows, and more."""
+    parts = [f"step {step}/{total_steps}"]
+    for key, label, fmt in (("train/loss", "loss", "{:.4f}"), ("val/loss", "val_loss", "{:.4f}"),
+                            ("train/lr", "lr", "{:.2e}"), ("train/grad_norm", "grad_norm", "{:.3f}")):
+        if record.get(key) is not None:
+            parts.append(f"{label} {fmt.format(record[key])}")
+    if record.get("perf/tokens_per_s") is not None:
+        parts.append(f"{_human(record['perf/tokens_per_s'])} tok/s")
+    if record.get("perf/mfu") is not None:
+        parts.append(f"mfu {100 * record['perf/mfu']:.1f}%")
+    if record.get("perf/peak_memory_gib") is not None:
+        parts.append(f"peak mem {record['perf/peak_memory_gib']:.2f} GiB")
+    return " | ".join(parts)
 
 
 def _human(value: float) -> str:

@@ -45,6 +45,7 @@ JSONL_KEYS: dict[str, str] = {
     "perf/step_time_ms": "step_time_ms",
 }
 """TensorBoard tag -> ``metrics.jsonl`` key. Tags not listed keep their tag as the key."""
+    "perf/peak_memory_gib": "peak_memory_gib",
 
 JSONL_FILENAME = "metrics.jsonl"
 _HISTOGRAM_BINS = 32

@@ -8,6 +8,7 @@ from pathlib import Path
 from moe_dist.config import Config, ConfigError, validate
 from moe_dist.distributed.mesh import MeshLayout
 from moe_dist.train.memory import GIB, estimate_memory
+from moe_dist.train.summary import run_summary, schedule_warnings
 from moe_dist.train.run_dir import default_run_dir, prepare_run_dir
 from moe_dist.train.runtime import Runtime, build_runtime, shutdown
 
@@ -34,7 +35,10 @@ def plan_launch(cfg: Config, world_size: int, device_memory_gib: float | None = 
         print(layout.describe(cfg.moe.num_experts if cfg.moe.enabled else None))
     device_memory = device_memory_gib * GIB if device_memory_gib is not None else _visible_device_memory()
     estimate = estimate_memory(cfg, world_size, device_memory, cfg.train.activation_checkpointing)
+    print(run_summary(cfg, world_size, estimate))
     print(estimate.describe())
+    for warning in schedule_warnings(cfg):
+        logger.warning(warning)
     if estimate.fits is False:
         logger.warning("the estimate (%.1f GiB per rank) exceeds the device memory (%.1f GiB): use more ranks "
                        "(parallel.ep / dp with zero.stage), train.activation_checkpointing, a smaller "

@@ -90,11 +90,13 @@ class MemoryEstimate:
         return None if self.device_memory is None else self.total <= self.device_memory
 
     def describe(self) -> str:
-        def gib(value: float) -> str:
-            return f"{value / GIB:8.2f} GiB"
+        """The table ``--dry-run`` prints (parameter counts: ``train.summary.run_summary``)."""
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 1024 ** 2)
 
-        lines = [f"memory per rank (estimate; model {self.total_params / 1e9:.3f} B parameters, "
-                 f"{self.active_params / 1e9:.3f} B active per token, {self.rank_params / 1e9:.3f} B on each rank):",
+        def gib(value: float) -> str:
+            return f"{value / scale:8.2f} {unit}"
+
+        lines = ["memory per rank (estimate):",
                  f"  parameters   {gib(self.params)}",
                  f"  gradients    {gib(self.gradients)}",
                  f"  optimizer    {gib(self.optimizer)}"

@@ -25,12 +25,14 @@ from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
 from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress,
                               build_sinks)
 from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
+from moe_dist.metrics.progress import format_step_line
 from moe_dist.models.activation_checkpointing import apply_activation_checkpointing
 from moe_dist.models.registry import build_model
 from moe_dist.moe.routing import state as routing_state
 from moe_dist.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+from moe_dist.train.summary import run_summary, schedule_warnings
 
 PREEMPTED_EXIT_CODE = 124
 
@@ -89,6 +91,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ what each engine provides
     def _configure_parallelism(self) -> None:
+        if runtime.is_logging_rank:
+            counts = estimate_memory(cfg, mesh.world_size, checkpointing=cfg.train.activation_checkpointing)
+            for line in run_summary(cfg, mesh.world_size, counts).splitlines():
+                logger.info(line)
+            for warning in schedule_warnings(cfg):
+                logger.warning(warning)
         """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model``."""
         raise NotImplementedError
 
@@ -158,6 +166,7 @@ class Trainer:
             while self.step < cfg.train.steps:
                 # Every collective of a step (forward, backward, logging, eval, checkpoint) is bounded
                 # by the watchdog: a dead or hung rank ends the run with the last split sizes.
+            text_lines = self.rt.is_logging_rank and not progress.enabled  # no bar (off, or not a terminal)
                 with self.rt.guard(f"training step {self.step + 1}"):
                     self.train_step(means)
                     self.throughput.step(tokens_per_step)
@@ -176,6 +185,8 @@ class Trainer:
                     stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
                     if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                         self.save()
+                        if text_lines:
+                            logger.info(format_step_line(self.step, cfg.train.steps, record))
                 if stop and not done:
                     preempted = True
                     break
@@ -197,6 +208,8 @@ class Trainer:
         utilisation = mfu(rate.tokens_per_s, self.flops_per_token, self.peak_tflops, self.rt.mesh.world_size)
         if utilisation is not None:
             record["perf/mfu"] = utilisation
+        if self.device.type == "cuda":  # the allocator's own bookkeeping: no device sync
+            record["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
         if len(self.load_tracker):
             report = self.load_tracker.collect()
             self.load_tracker.write(report, self.metrics, self.step)

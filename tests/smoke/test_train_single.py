@@ -16,7 +16,15 @@ pytestmark = pytest.mark.slow
 
 def test_training_writes_run_dir_metrics_and_tensorboard(tmp_path):
     run_dir = tmp_path / "run"
-    run_train(run_dir, "train.steps=6", "log.every=3", "train.eval_every=3", "checkpoint.every=3")
+    result = run_train(run_dir, "train.steps=6", "log.every=3", "train.eval_every=3", "checkpoint.every=3",
+                       "train.warmup_steps=8")
+    # stderr is a pipe, not a terminal: no bar, one text line per logging step, a start-up summary
+    assert "\r" not in result.stderr
+    assert "model: " in result.stderr and "parameters (" in result.stderr and "tokens per step" in result.stderr
+    step_lines = [line for line in result.stderr.splitlines() if "| loss " in line]
+    assert len(step_lines) == 2 and "step 3/6 | loss " in step_lines[0] and "step 6/6 | loss " in step_lines[1]
+    assert all(" tok/s" in line and "grad_norm" in line and "val_loss" in line for line in step_lines)
+    assert "train.warmup_steps (8) >= train.steps (6)" in result.stderr
     assert (run_dir / "config.yaml").is_file()
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [3, 6]

@@ -121,7 +121,12 @@ def test_image_shape_is_checked(tmp_path):
 
 
 def test_progress_bar_only_on_logging_rank():
-    out = io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+    out = _Terminal()  # the bar is drawn on terminals only
     bar = build_progress(LOG_CFG, total_steps=10, start_step=2, is_logging_rank=True, file=out)
     bar.set_metrics(loss=1.2345, tokens_per_s=12_500.0)
     bar.update(3)
@@ -129,7 +134,7 @@ def test_progress_bar_only_on_logging_rank():
     text = out.getvalue()
     assert "5/10" in text and "loss=1.2345" in text and "tok/s=12.50k" in text
 
-    silent = io.StringIO()
+    silent = _Terminal()
     for cfg, rank_logs in ((LOG_CFG, False), (SimpleNamespace(progress_bar=False), True)):
         bar = build_progress(cfg, total_steps=10, start_step=0, is_logging_rank=rank_logs, file=silent)
         assert not bar.enabled
