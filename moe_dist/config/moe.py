@@ -75,7 +75,15 @@ class RouterConfig:
     top_any_tau: float = 1.0
     """Temperature of DynMoE top-any gating."""
     top_any_reg_coef: float = 0.01
-    """Weight of DynMoE's diversity + simplicity regularisers."""
+    """Weight of DynMoE's diversity, simplicity and efficiency regularisers."""
+    top_any_max_k: int = 0
+    """Most experts one token may activate under 'top_any' (those with the largest margins are
+    kept). 0 means no cap, as in DynMoE. 'top_any' does not read top_k."""
+    top_any_train_fallback: bool = False
+    """'top_any' in training: a token that activates no expert goes to its closest active expert
+    (weight 1, no gradient into the gate) instead of getting a zero MoE output (DynMoE). Such
+    fallback routings are never counted as routings for expert pruning. At evaluation the
+    fallback always applies, as in DynMoE."""
     jitter: float = 0.0
     """Multiplicative input jitter during training (Switch). 0 disables it."""
     entropy_loss_coef: float = 0.0
@@ -97,6 +105,8 @@ class RouterConfig:
                  f"moe.router.expert_choice_capacity ({self.expert_choice_capacity}) must be > 0 "
                  "(each expert takes n*c/E tokens; the paper uses 2)")
         require(self.top_any_tau > 0, f"moe.router.top_any_tau ({self.top_any_tau}) must be > 0")
+        require(self.top_any_max_k >= 0, f"moe.router.top_any_max_k ({self.top_any_max_k}) must be >= 0 "
+                                         "(0 = no cap)")
         if self.bias_update_rate > 0:
             require(self.type not in ("expert_choice", "top_any"),
                      f"moe.router.bias_update_rate ({self.bias_update_rate}) has no meaning for router "
@@ -175,6 +185,9 @@ class MoEConfig:
                 require(getattr(adaptive, name) <= self.num_experts,
                          f"moe.router.adaptive.{name} ({getattr(adaptive, name)}) cannot exceed the slot "
                          f"pool moe.num_experts ({self.num_experts}); raise num_experts or lower {name}")
+            require(self.router.top_any_max_k <= self.num_experts,
+                     f"moe.router.top_any_max_k ({self.router.top_any_max_k}) cannot exceed moe.num_experts "
+                     f"({self.num_experts}); use 0 for no cap")
             require(self.router.top_k <= self.num_experts,
                      f"moe.router.top_k ({self.router.top_k}) cannot exceed moe.num_experts "
                      f"({self.num_experts}); use top_k <= {self.num_experts} or more experts")

@@ -6,6 +6,12 @@ give the reference's output, input and router gradients; an expert's gradient is
 ranks of the references' gradients for that expert (its tokens come from every rank). Dynamic
 capacity must equal the largest per-expert count over the ep group (bounded by Tutel's factor),
 and DynMoE decisions must be identical on every rank and survive a checkpoint round trip.
+
+The cases with ``bias_update_rate`` then run a few routing rounds with the auxiliary-loss-free
+bias: each round every rank routes its own new tokens and the bias is updated from the counts
+summed over the token ranks; a single layer that routes every rank's tokens itself is the
+reference. The biases must be bit-identical on every rank and equal to the reference's, and the
+last round's outputs (routed with the moved bias) equal the reference's on the same tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from harness import run_distributed
 DIM, FFN, SEQ = 8, 16, 6
 
 CASES = [
-    ("top_p_dropless", dict(type="top_p", top_k=4, top_p=0.5), dict(policy="dropless")),
+    ("top_p_dropless", dict(type="top_p", top_k=4, top_p=0.5, bias_update_rate=1e-2), dict(policy="dropless")),
     ("xmoe_dynamic", dict(type="xmoe", top_k=4, xmoe_threshold=0.8), dict(policy="dynamic", capacity_factor=0.0)),
+    ("xmoe_bias", dict(type="xmoe", top_k=4, xmoe_threshold=0.5, bias_update_rate=1e-2), dict(policy="dropless")),
     ("top_p_dynamic_bounded", dict(type="top_p", top_k=4, top_p=0.6),
      dict(policy="dynamic", capacity_factor=0.5)),
     ("da_moe_controller", dict(type="da_moe", top_k=3), dict(policy="controller", capacity_factor=0.75)),
@@ -76,8 +83,50 @@ def _parity_body(rank: int, world_size: int, ep: int, num_experts: int, cases) -
         if capacity_kw["policy"] == "controller":
             update_after_step(layer, lambda t: comms.all_reduce(t, "sum", mesh.dp_group))
             entry["factor"] = layer.capacity_state.factor
+        if router_kw.get("bias_update_rate", 0) > 0:
+            entry["bias"] = _bias_rounds(name, cfg, mesh, rank, world_size)
         report.append(entry)
     return report
+
+
+BIAS_ROUNDS = 3
+
+
+def _bias_rounds(name: str, cfg, mesh, rank: int, world_size: int) -> list[float]:
+    """Auxiliary-loss-free bias under EP against one layer that routes every rank's tokens (see the
+    module docstring); returns the final bias."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_dist.distributed import comms
+    from moe_dist.models.expert_parallel import apply_ep
+    from moe_dist.moe.layer import MoELayer
+    from moe_dist.moe.routing.state import update_selection_bias_from_stats
+
+    def fresh() -> MoELayer:
+        torch.manual_seed(0)
+        return MoELayer(DIM, FFN, cfg)
+
+    layer, solo = apply_ep(fresh(), mesh), fresh()
+    moved = False
+    for round_ in range(BIAS_ROUNDS):
+        tokens = [torch.randn(2, SEQ, DIM, generator=torch.Generator().manual_seed(1000 * round_ + r))
+                  for r in range(world_size)]
+        y, _ = layer(tokens[rank])
+        y_solo = [solo(x)[0] for x in tokens]  # one process, every rank's tokens
+        if round_ == BIAS_ROUNDS - 1:  # routed with the bias of the earlier rounds
+            torch.testing.assert_close(y, y_solo[rank], msg=f"{name}: output with the bias, round {round_}")
+        update_selection_bias_from_stats(layer, lambda t: comms.all_reduce(t, "sum", mesh.dp_group))
+        update_selection_bias_from_stats(solo)
+        bias = layer.router.expert_bias
+        every = [torch.empty_like(bias) for _ in range(world_size)]
+        dist.all_gather(every, bias)
+        for other, seen in enumerate(every):
+            torch.testing.assert_close(seen, solo.router.expert_bias, rtol=0, atol=0,
+                                       msg=f"{name}: rank {other}'s bias after round {round_}")
+        moved = moved or bool(bias.abs().max() > 0)
+    assert moved, f"{name}: the bias never moved"
+    return bias.tolist()
 
 
 def _check_parity_report(results, world_size: int, cases) -> None:
@@ -145,7 +194,7 @@ def _dynmoe_body(rank: int, world_size: int) -> dict:
     layer = build()
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     routed = torch.zeros(3, DIM)
-    routed[:, 0] = 1.0
+    routed[:, 0] = routed[:, 1] = 1.0  # activates both initial experts (a fallback would not count)
     unrouted = torch.zeros(3, DIM)
     unrouted[:, 0], unrouted[:, 1], unrouted[:, 5] = -1.0, -1.0, torch.tensor([1.0, 2.0, 3.0])
     tokens = routed if rank == 0 else unrouted  # only rank 1 sees tokens without an expert

@@ -97,9 +97,9 @@ def test_da_moe_explicit_importance_sets_k():
     torch.testing.assert_close(result.weights[1, :2], torch.tensor([0.4, 0.3]) / 0.7)
 
 
-def _top_any_equal_cos(num_experts, a, b, top_k=None, **cfg):
+def _top_any_equal_cos(num_experts, a, b, max_k=0, **cfg):
     """w_e = unit vector e in D = E+1; x = (a,...,a,b) has the same cosine with every expert."""
-    router = TopAnyRouter(num_experts + 1, num_experts, RouterConfig(type="top_any", top_k=top_k or num_experts,
+    router = TopAnyRouter(num_experts + 1, num_experts, RouterConfig(type="top_any", top_any_max_k=max_k,
                                                                     aux_loss_coef=0.0, **cfg))
     with torch.no_grad():
         router.weight.copy_(torch.eye(num_experts, num_experts + 1))
@@ -113,12 +113,39 @@ def test_top_any_zero_thresholds_equal_cosine():
     assert _k(result) == [4]
     torch.testing.assert_close(result.weights, torch.full((1, 4), 0.25))
 
-    router, x = _top_any_equal_cos(4, -1.0, 0.5)  # cos < 0 -> none fires -> argmax fallback
+    router, x = _top_any_equal_cos(4, -1.0, 0.5)  # cos < 0 -> none fires
+    router.train()
+    result = router(x)  # training: no expert, zero MoE output (DynMoE)
+    assert _k(result) == [0] and result.weights.abs().sum() == 0
+    assert router.k_hist.tolist() == [1, 0, 0, 0, 0]  # recorded as unrouted (K = 0)
+    router.eval()
+    result = router(x)  # evaluation: the closest active expert, weight 1
+    assert _k(result) == [1] and result.weights[0, 0].item() == 1.0
+
+
+def test_top_any_training_fallback_is_an_option_and_never_counts_for_pruning():
+    router, x = _top_any_equal_cos(4, -1.0, 0.5, top_any_train_fallback=True,
+                                   adaptive=AdaptiveConfig(enabled=True, record_steps=0))
+    x = torch.tensor([[-1.0, -1.0, -1.0, -2.0, 0.5]])  # none fires; expert 3 is farthest, 0-2 tie
     router.train()
     result = router(x)
-    assert _k(result) == [1]
-    assert result.weights[0, 0].item() == 1.0
-    assert router.k_hist.tolist() == [1, 0, 0, 0, 0]  # recorded as unrouted (K = 0)
+    assert _k(result) == [1] and result.weights[0, 0].item() == 1.0 and result.indices[0, 0].item() in (0, 1, 2)
+    assert result.tokens_per_expert.sum() == 1  # dispatched
+    assert router.record_counts.sum() == 0 and router.record_unrouted.item() == 1  # but not a routing
+
+
+def test_top_any_efficiency_and_balance_losses_by_hand():
+    router = TopAnyRouter(8, 4, RouterConfig(type="top_any", top_any_reg_coef=1.0, aux_loss_coef=1.0))
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4, 8))
+    router.train()
+    # token 0 fires experts 0, 1; token 1 fires expert 0; token 2 fires nothing
+    x = torch.tensor([[1.0, 1.0, -1.0, -1.0, 0, 0, 0, 0], [1.0, -1.0, -1.0, -1.0, 0, 0, 0, 0],
+                      [-1.0, -1.0, -1.0, -1.0, 0, 0, 0, 0]])
+    losses = router(x).losses
+    assert losses["efficiency_loss"].item() == pytest.approx(3 / 12)  # 3 activations of 3 x 4 pairs
+    # routed tokens 0, 1: m = ([.5,.5,0,0] + [1,0,0,0]) / 2 = [.75,.25,0,0]; c = [1, .5, 0, 0]
+    assert losses["aux_loss"].item() == pytest.approx(4 * (0.75 * 1 + 0.25 * 0.5))
 
 
 def test_top_any_regularisers_and_straight_through_gradient():
@@ -137,7 +164,7 @@ def test_top_any_regularisers_and_straight_through_gradient():
 
 
 def test_top_any_cap_keeps_largest_margins():
-    router, _ = _top_any_equal_cos(4, 1.0, 0.5, top_k=2)
+    router, _ = _top_any_equal_cos(4, 1.0, 0.5, max_k=2)
     x = torch.tensor([[1.0, 2.0, 3.0, 0.5, 0.0]])
     result = router(x)
     assert result.indices[0].tolist() == [2, 1] and _k(result) == [2]
@@ -147,6 +174,7 @@ def test_top_any_cap_keeps_largest_margins():
 def test_inactive_slots_never_receive_tokens():
     router = TopAnyRouter(8, 4, RouterConfig(type="top_any", top_k=4))
     router.active.copy_(torch.tensor([True, False, True, False]))
+    router.eval()  # the fallback gives every token an expert
     result = router(torch.randn(32, 8))
     assert result.tokens_per_expert[1] == 0 and result.tokens_per_expert[3] == 0
     assert int(result.valid.sum(-1).min()) >= 1

@@ -107,6 +107,24 @@ def simplicity_loss(weight_ED: torch.Tensor) -> torch.Tensor:
     return weight_ED.float().norm(dim=-1).mean()
 
 
+def efficiency_loss(gate_TE: torch.Tensor) -> torch.Tensor:
+    """DynMoE efficiency: the mean straight-through gate over tokens and slots (the fraction of
+    (token, expert) pairs activated); pushes thresholds up, i.e. towards fewer experts per token."""
+    return gate_TE.mean()
+
+
+def top_any_balance_loss(gate_TE: torch.Tensor, routed_T: torch.Tensor) -> torch.Tensor:
+    """DynMoE's load balance over the tokens that activated an expert: ``E * sum_e m_e * c_e``
+    with ``m_e`` the mean per-token normalised gate and ``c_e`` the share of those tokens that
+    activate e. Masked means keep the shapes fixed (no host sync); 0 when no token is routed."""
+    num_experts = gate_TE.shape[1]
+    routed_T1 = routed_T.unsqueeze(-1).to(gate_TE.dtype)
+    count = routed_T1.sum().clamp_min(1.0)
+    m_E = (gate_TE / gate_TE.sum(-1, keepdim=True).clamp_min(1e-20) * routed_T1).sum(0) / count
+    c_E = ((gate_TE.detach() > 0).to(gate_TE.dtype) * routed_T1).sum(0) / count
+    return num_experts * torch.dot(m_E, c_E)
+
+
 @torch.no_grad()
 def update_selection_bias(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float) -> None:
     """Auxiliary-loss-free balancing: ``b_i += u * sign(mean(c) - c_i)``.

@@ -8,20 +8,21 @@ a trainable threshold ``G_e`` (init 0). With ``tau = moe.router.top_any_tau``:
    ``cos(x_t, w_e) > G_e`` (independent of tau);
 3. the gate is ``sign(g)`` forward and the identity backward (straight-through estimator), so
    only activated experts pass gradient into ``w`` and ``G`` (through the relu);
-4. combine weights ``gate / K_t``: the uniform average of the ``K_t`` activated experts.
+4. combine weights ``gate / K_t``: the uniform average of the ``K_t`` activated experts;
+5. in training, a token that activates no expert gets a zero MoE output and is recorded as
+   unrouted (it drives expert addition); at evaluation it goes to its closest active expert
+   (largest cosine) with weight 1. ``moe.router.top_any_train_fallback`` applies that fallback in
+   training too; fallback routings never count as routings for pruning.
 
-Deviations, chosen for the dispatch contract and documented in docs/routing.md:
+As in the reference (LINs-lab/DynMoE, DeepSpeed ``GAMoEGateT`` / ``topanygating_opt``): no cap on
+the experts per token unless ``moe.router.top_any_max_k`` asks for one (then the largest margins
+``cos - G`` are kept); the temperature is fixed (the reference's is not trainable either).
 
-- ``Kmax = min(moe.router.top_k, E)`` slots; when more experts fire, those with the largest
-  margin ``cos - G`` are kept (set top_k = num_experts for the uncapped algorithm);
-- a token that activates none falls back to its largest-margin active expert with weight 1
-  (training and eval; DynMoE does this at eval only). The fallback carries no gradient into the
-  gate, and the token still counts as "unrouted" for expert growth.
-
-Losses (each logged apart, weighted by ``top_any_reg_coef``): diversity
-``|| (W^ W^T) * M - I * M ||_F`` over active rows of the row-normalised ``W^`` and simplicity
-``mean_e ||w_e||``; plus the variable-k Switch loss (``aux_loss_coef``) over the per-token
-normalised scores. The z-loss does not apply (there are no softmax logits).
+Losses (each logged apart): diversity ``|| (W^ W^T) * M - I * M ||_F`` over active rows of the
+row-normalised ``W^``, simplicity ``mean_e ||w_e||`` and efficiency ``mean(gate)`` (weighted by
+``top_any_reg_coef``), and the load balance ``E * sum_e m_e c_e`` over the routed tokens
+(``aux_loss_coef``; :func:`~moe_dist.moe.routing.balance.top_any_balance_loss`). The reference
+sums the four under one coefficient; moe_dist keeps its two. No z-loss (no softmax logits).
 
 Shapes: T tokens, D hidden, E expert slots, K = Kmax.
 """
@@ -60,7 +61,7 @@ class TopAnyRouter(nn.Module):
                               f"moe.num_experts ({num_experts}); raise num_experts")
         self.cfg = cfg
         self.num_experts = num_experts
-        self.max_k = min(cfg.top_k, num_experts)
+        self.max_k = min(cfg.top_any_max_k or num_experts, num_experts)
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.threshold = nn.Parameter(torch.zeros(num_experts))
         self.register_buffer("active", torch.arange(num_experts) < initial)
@@ -118,33 +119,38 @@ class TopAnyRouter(nn.Module):
         _, indices_TK = torch.topk(margin_TE, self.max_k, dim=-1, sorted=True)
         fired_TK = g_TE.detach().gather(1, indices_TK) > 0
         k_T = fired_TK.sum(-1)
-        weights_TK = gate_TE.gather(1, indices_TK) / k_T.clamp_min(1).unsqueeze(-1)
-        # Fallback: a token that activated nothing goes to its best active expert with weight 1.
+        weights_TK = torch.where(fired_TK, gate_TE.gather(1, indices_TK) / k_T.clamp_min(1).unsqueeze(-1), 0.0)
         unrouted_T = k_T == 0
-        first_slot_TK = torch.zeros_like(fired_TK)
-        first_slot_TK[:, 0] = True
-        fallback_TK = first_slot_TK & unrouted_T.unsqueeze(-1)
-        valid_TK = fired_TK | fallback_TK
-        weights_TK = torch.where(fallback_TK, 1.0, torch.where(valid_TK, weights_TK, 0.0))
-
-        experts_N = torch.where(valid_TK, indices_TK, self.num_experts).flatten()
-        tokens_per_expert = count_per_expert(experts_N, self.num_experts + 1)[:self.num_experts]  # no host sync
+        fired_counts = count_per_expert(torch.where(fired_TK, indices_TK, self.num_experts).flatten(),
+                                        self.num_experts + 1)[:self.num_experts]  # no host sync
+        valid_TK = fired_TK
+        if not self.training or self.cfg.top_any_train_fallback:
+            # A token that activated nothing goes to its closest active expert (largest cosine, as
+            # DynMoE's argmax of the scores) in slot 0, with weight 1 and no gate gradient.
+            closest_T = cos_TE.detach().masked_fill(~active_E, float("-inf")).argmax(-1)
+            fallback_TK = torch.zeros_like(fired_TK)
+            fallback_TK[:, 0] = unrouted_T
+            indices_TK = torch.where(fallback_TK, closest_T.unsqueeze(-1), indices_TK)
+            weights_TK = torch.where(fallback_TK, 1.0, weights_TK)
+            valid_TK = fired_TK | fallback_TK
+        tokens_per_expert = count_per_expert(torch.where(valid_TK, indices_TK, self.num_experts).flatten(),
+                                             self.num_experts + 1)[:self.num_experts]
         if self.training:
-            self._record(x_float, k_T, unrouted_T, tokens_per_expert)
-        losses = self._losses(z_TE, tokens_per_expert, unrouted_T)
+            self._record(x_float, k_T, unrouted_T, fired_counts)
+        losses = self._losses(gate_TE, unrouted_T)
         return RoutingResult(indices_TK, weights_TK, valid_TK, z_TE, tokens_per_expert, losses)
 
     @torch.no_grad()
     def _record(self, x_TD: torch.Tensor, k_T: torch.Tensor, unrouted_T: torch.Tensor,
-                tokens_per_expert: torch.Tensor) -> None:
+                fired_counts: torch.Tensor) -> None:
+        """Realised k, and DynMoE's records: activations only, never fallback routings."""
         self.k_hist += count_per_expert(k_T, self.max_k + 1).to(self.k_hist.dtype)
         if self.recording:
-            self.record_counts += tokens_per_expert.to(self.record_counts.dtype)
+            self.record_counts += fired_counts.to(self.record_counts.dtype)
             self.record_unrouted_sum += (x_TD * unrouted_T.unsqueeze(-1)).sum(0)
             self.record_unrouted += unrouted_T.sum()
 
-    def _losses(self, z_TE: torch.Tensor, tokens_per_expert: torch.Tensor,
-                unrouted_T: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(self, gate_TE: torch.Tensor, unrouted_T: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         losses: dict[str, torch.Tensor] = {}
         if not self.training:
@@ -152,11 +158,7 @@ class TopAnyRouter(nn.Module):
         if cfg.top_any_reg_coef > 0:
             losses["diversity_loss"] = cfg.top_any_reg_coef * balance.diversity_loss(self.weight, self.active)
             losses["simplicity_loss"] = cfg.top_any_reg_coef * balance.simplicity_loss(self.weight)
-        if cfg.aux_loss_coef > 0 and z_TE.shape[0] > 0:
-            # Switch loss over the tokens that activated an expert (DeepSpeed DynMoE), with the
-            # scores normalised per token; masked means avoid a data-dependent shape.
-            routed_T1 = (~unrouted_T).unsqueeze(-1).float()
-            probs_TE = z_TE / z_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-            p_E = (probs_TE * routed_T1).sum(0) / routed_T1.sum().clamp_min(1.0)
-            losses["aux_loss"] = cfg.aux_loss_coef * balance.variable_k_aux_loss(p_E.unsqueeze(0), tokens_per_expert)
+            losses["efficiency_loss"] = cfg.top_any_reg_coef * balance.efficiency_loss(gate_TE)
+        if cfg.aux_loss_coef > 0 and gate_TE.shape[0] > 0:
+            losses["aux_loss"] = cfg.aux_loss_coef * balance.top_any_balance_loss(gate_TE, ~unrouted_T)
         return losses
