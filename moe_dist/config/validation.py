@@ -16,6 +16,10 @@ def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need the world size. Runs on every rank before any collective."""
     par = cfg.parallel
+    # Refused here, not in apply_ep: every rank must stop identically before any group exists.
+    require(par.etp == 1,
+             f"parallel.etp ({par.etp}) > 1 is not supported yet (expert tensor parallelism is planned: "
+             "the mesh has the etp dimension, but no code splits an expert over it); use parallel.etp=1")
     dp = resolve_dp(par, world_size)
     require(dp * par.tp == world_size,
              f"parallel.dp ({dp}) x parallel.tp ({par.tp}) = {dp * par.tp} must equal the world size "
@@ -44,8 +48,27 @@ def validate(cfg: Config, world_size: int) -> None:
              f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
              f"train.micro_batch_size ({train.micro_batch_size}) x dp ({dp}) = {per_step}; "
              f"use global_batch_size={round_up(train.global_batch_size, per_step)}")
+    if par.fsdp:
+        _validate_fsdp(cfg)
     if train.engine == "deepspeed":
         _validate_deepspeed(cfg, world_size)
+
+
+def _validate_fsdp(cfg: Config) -> None:
+    """What parallel.fsdp supports (docs/parallelism.md, "FSDP2 with expert parallelism")."""
+    par = cfg.parallel
+    require(cfg.train.engine == "native",
+            f"parallel.fsdp=true with train.engine={cfg.train.engine}: FSDP2 is the native engine's sharding; "
+            "DeepSpeed shards with its own ZeRO. Use train.engine=native, or parallel.fsdp=false with "
+            "zero.stage=1/2")
+    require(par.tp == 1, f"parallel.fsdp=true with parallel.tp ({par.tp}) > 1 is not supported yet; "
+                         "use tp=1 (shard with fsdp over dp) or parallel.fsdp=false")
+    require(cfg.model.arch == "transformer",
+            f"parallel.fsdp=true with model.arch={cfg.model.arch}: only the plain transformer is sharded and "
+            "tested with FSDP; use model.arch=transformer or parallel.fsdp=false")
+    require(not cfg.moe.router.adaptive.enabled,
+            "parallel.fsdp=true with moe.router.adaptive.enabled: DynMoE resets rows of the optimizer "
+            "state, which FSDP shards; set moe.router.adaptive.enabled=false or parallel.fsdp=false")
 
 
 def _validate_deepspeed(cfg: Config, world_size: int) -> None:

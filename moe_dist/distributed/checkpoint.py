@@ -18,6 +18,14 @@ stride=...)``: no communication, the storage is shared). DCP turns that into a c
 * tensor-parallel shards (tagged ``_tp_sharded``) under ``tp > 1``: dim ``_tp_shard_dim`` over ``tp``.
 * everything else (dense weights, buffers, AdamW's ``step``): a plain tensor, i.e. replicated.
 
+Under FSDP2 (``parallel.fsdp``, ``models/fsdp.py``) parameters and AdamW's slots are DTensors
+already. A dense one is global as it stands (``Shard(0)`` over dp) and is handed to DCP
+unchanged. An expert one is global only over edp (``Shard(1)``: FSDP splits dim 1, the ep block
+is this rank's experts); its local shard is rewrapped on the ``(edp, ep)`` slice of the MoE mesh
+with placements ``(Shard(1), Shard(0))``, which is the full ``[num_experts, ...]`` tensor. The
+chunks on disk are then smaller, but they tile the same global tensors under the same names, so
+an FSDP checkpoint resumes without FSDP and the other way round.
+
 Replicas (the edp copies of an expert, the dp copies of a dense weight) present the same chunk;
 DCP's planner keeps one of them. The optimizer's per-element slots (``exp_avg``, ``exp_avg_sq``)
 are wrapped exactly like their parameter, so they follow its sharding.
@@ -41,7 +49,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,22 +115,29 @@ def _check_expert_offsets(model: nn.Module, mesh: ParallelMesh) -> None:
 
 
 def _as_global(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) -> torch.Tensor:
-    """``local`` as a DCP-writable global tensor (DTensor for a shard, itself if replicated)."""
+    """``local`` as a DCP-writable global tensor (DTensor for a shard, itself if replicated).
+
+    An FSDP2 DTensor is global over its FSDP mesh already; only an expert one gains the ep
+    blocks (see the module docstring). Either way the result shares ``local``'s storage.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
     local = local.detach()
     if spec is None:
         return local
-    from torch.distributed.tensor import DTensor, Shard
-
-    submesh = mesh.submesh(spec.mesh_dim)
-    assert submesh is not None, f"sharded over {spec.mesh_dim} implies a {spec.mesh_dim} sub-mesh"
     shape = spec.global_shape(local.shape)
     stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))  # contiguous
+    if isinstance(local, DTensor):
+        assert spec.mesh_dim == "ep" and mesh.moe_mesh is not None, "FSDP shards experts over edp, no tp"
+        (fsdp_placement,) = local.placements
+        dims = ("edp", "ep") if mesh.edp_size > 1 else ("ep",)
+        placements = [fsdp_placement, Shard(0)] if mesh.edp_size > 1 else [Shard(0)]
+        return DTensor.from_local(local.to_local(), mesh.moe_mesh[dims], placements, run_check=False,
+                                  shape=torch.Size(shape), stride=stride)
+    submesh = mesh.submesh(spec.mesh_dim)
+    assert submesh is not None, f"sharded over {spec.mesh_dim} implies a {spec.mesh_dim} sub-mesh"
     return DTensor.from_local(local, submesh, [Shard(spec.dim)], run_check=False,
                               shape=torch.Size(shape), stride=stride)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,12 +149,15 @@ class ShardedState:
     """A nested state dict for DCP plus what the checkpoint must hold.
 
     ``expected`` maps every flattened tensor key (``model.layers.0.moe.experts.w13``) to its
-    global shape; ``specs`` maps it to its sharding (None: replicated).
+    global shape; ``specs`` maps it to its sharding (None: replicated); ``sources`` to the
+    tensor as the model or optimizer holds it (a local shard, or FSDP's DTensor), whose storage
+    the entry in ``state`` shares, so a DCP load into ``state`` fills it in place.
     """
 
     state: dict[str, Any]
     expected: dict[str, tuple[int, ...]]
     specs: dict[str, ShardSpec | None]
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -158,15 +176,17 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
     model_state: dict[str, torch.Tensor] = {}
     expected: dict[str, tuple[int, ...]] = {}
     specs: dict[str, ShardSpec | None] = {}
+    sources: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         spec = shard_spec(tensor, mesh) if isinstance(tensor, nn.Parameter) else None
         model_state[name] = _as_global(tensor, spec, mesh)
         key = f"{MODEL}.{name}"
         expected[key] = spec.global_shape(tensor.shape) if spec else tuple(tensor.shape)
         specs[key] = spec
+        sources[key] = tensor.detach()
     state: dict[str, Any] = {MODEL: model_state}
     if optimizer is None:
-        return ShardedState(state, expected, specs)
+        return ShardedState(state, expected, specs, sources)
 
     params = _named_params(model)
     slots_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -188,9 +208,10 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
             slots_state[fqn][slot] = _as_global(value, slot_spec, mesh)
             expected[key] = slot_spec.global_shape(value.shape) if slot_spec else tuple(value.shape)
             specs[key] = slot_spec
+            sources[key] = value
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     state[OPTIM] = {"state": slots_state, "param_groups": groups}
-    return ShardedState(state, expected, specs)
+    return ShardedState(state, expected, specs, sources)
 
 
 def _allocate_slot(param: nn.Parameter, fqn: str, slot: str, global_shape: tuple[int, ...],
@@ -352,15 +373,16 @@ def load_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch
     with _quiet_single_process():
         dcp.load(sharded.state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=_no_dist())
 
-    # load_state_dict (not an in-place copy) so modules' load hooks run.
-    model.load_state_dict({name: _local(t) for name, t in sharded.state[MODEL].items()})
+    # DCP filled the sources in place; load_state_dict (not only that copy) so modules' load
+    # hooks run.
+    model.load_state_dict({name: sharded.sources[f"{MODEL}.{name}"] for name in sharded.state[MODEL]})
     if optimizer is None:
         return
     loaded = sharded.state[OPTIM]
     optimizer.state.clear()
     for fqn, slot_values in loaded["state"].items():
         param = params[fqn]
-        optimizer.state[param] = {slot: _local(value) for slot, value in slot_values.items()}
+        optimizer.state[param] = {slot: sharded.sources[f"{OPTIM}.state.{fqn}.{slot}"] for slot in slot_values}
     for group, saved in zip(optimizer.param_groups, loaded["param_groups"]):
         group.update(saved)
 

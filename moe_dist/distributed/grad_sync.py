@@ -238,3 +238,48 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, mesh: Paral
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient-norm clipping of FSDP2-sharded (DTensor) gradients
+# --------------------------------------------------------------------------------------------
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds (a DTensor's local tensor, shared storage; else the tensor)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@torch.no_grad()
+def sharded_grad_norm(params: Iterable[torch.Tensor], mesh: ParallelMesh) -> torch.Tensor:
+    """Global L2 norm of gradients sharded by FSDP2 (``models/fsdp.py``).
+
+    Each rank holds a disjoint piece of every gradient: a dense one is split over the dp group,
+    an expert one over the edp group within its ep block. So the squared local pieces are
+    summed over dp (dense) and over edp then ep (experts). A gradient that is not a DTensor is
+    replicated and counted once.
+    """
+    params = [p for p in params if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = {kind: torch.zeros((), device=device, dtype=torch.float32) for kind in ("dense", "expert", "replicated")}
+    for p in params:
+        kind = ("replicated" if not hasattr(p.grad, "to_local")
+                else "expert" if is_expert_param(p) else "dense")
+        sq[kind] += _local(p.grad).detach().float().square().sum()
+    comms.all_reduce(sq["dense"], "sum", mesh.dp_group)
+    comms.all_reduce(sq["expert"], "sum", mesh.edp_group)
+    comms.all_reduce(sq["expert"], "sum", mesh.ep_group)
+    return (sq["dense"] + sq["expert"] + sq["replicated"]).sqrt()
+
+
+@torch.no_grad()
+def clip_sharded_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, mesh: ParallelMesh) -> torch.Tensor:
+    """:func:`clip_grad_norm_` for FSDP2-sharded gradients: each rank scales its own shards."""
+    params = list(params)
+    total = sharded_grad_norm(params, mesh)
+    if max_norm > 0 and math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                local = _local(p.grad)
+                local.mul_(coef.to(local.dtype))
+    return total

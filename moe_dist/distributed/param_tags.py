@@ -11,6 +11,10 @@ clipping and checkpoints (this package) read only the tags, never the model clas
   reduced over dp only, norm summed over tp.
 * **tp partial gradient** (``_tp_partial_grad``): replicated over tp, but each tp rank saw only its
   own tokens, so the gradient is summed over tp before the dp average.
+
+FSDP2 (``models/fsdp.py``) replaces every parameter by a DTensor one and carries the tags over
+(:func:`tags_of`, :func:`set_tags`); an expert tag then describes the DTensor's global shape over
+the edp ranks, which is the ep shard above.
 """
 
 from __future__ import annotations
@@ -61,3 +65,17 @@ def mark_tp_partial_grad(param: torch.Tensor) -> None:
 def is_tp_partial_grad(param: torch.Tensor) -> bool:
     """Replicated over tp, gradient partial per tp rank: sum it over the tp group."""
     return bool(getattr(param, TP_PARTIAL_GRAD, False))
+
+
+_TAGS = (EXPERT, EXPERT_OFFSET, TP_SHARDED, TP_SHARD_DIM, TP_PARTIAL_GRAD)
+
+
+def tags_of(param: torch.Tensor) -> dict[str, object]:
+    """Every tag set on ``param``, to carry over to a parameter that replaces it (FSDP2's
+    ``fully_shard`` swaps each parameter for a new DTensor one, without its attributes)."""
+    return {name: getattr(param, name) for name in _TAGS if hasattr(param, name)}
+
+
+def set_tags(param: torch.Tensor, tags: dict[str, object]) -> None:
+    for name, value in tags.items():
+        setattr(param, name, value)

@@ -8,6 +8,9 @@ training loop never branches on the world size or the engine.
 * :class:`LocalPlan` -- one process: every reduction is the identity;
 * :class:`DistributedPlan` -- a DP x TP x EP mesh with moe_dist's own gradient reduction
   (:class:`~moe_dist.distributed.grad_sync.GradReducer`); built by :func:`parallelize`;
+* :class:`FSDPPlan` -- the same mesh with ``parallel.fsdp``: FSDP2 shards parameters, gradients
+  and optimizer state (``models/fsdp.py``) and reduce-scatters the gradients; built by
+  :func:`parallelize` too;
 * :class:`DeepSpeedPlan` -- a DeepSpeed engine does gradient reduction, clipping and the step.
 
 Router balance losses stay per rank: each rank's aux and z losses are computed on its own
@@ -18,6 +21,7 @@ gradient average over dp then averages them as the reference averages its micro-
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -27,9 +31,10 @@ from torch import nn
 from moe_dist.config import Config, ParallelConfig
 from moe_dist.distributed import checkpoint as dist_checkpoint
 from moe_dist.distributed import comms
-from moe_dist.distributed.grad_sync import GradReducer, clip_grad_norm_
+from moe_dist.distributed.grad_sync import GradReducer, clip_grad_norm_, clip_sharded_grad_norm_
 from moe_dist.distributed.mesh import ParallelMesh
 from moe_dist.models.cross_entropy import token_cross_entropy
+from moe_dist.models.fsdp import apply_fsdp
 from moe_dist.models.parallelize import parallelize_model
 from moe_dist.moe.reduction import ReduceFn
 from moe_dist.moe.routing.state import update_selection_bias_from_stats
@@ -126,7 +131,19 @@ class _MeshReductions(_PlanBase):
         return tensor
 
 
-class DistributedPlan(_MeshReductions):
+class _MeshCheckpoints(_MeshReductions):
+    """DCP checkpoints of global tensors (collective: every rank calls them)."""
+
+    def save_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Write global tensors with DCP, readable at any layout (see distributed/checkpoint.py)."""
+        dist_checkpoint.save_model_and_optimizer(directory, model, optimizer, self.mesh)
+
+    def load_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Read this rank's slices of a checkpoint written at any layout."""
+        dist_checkpoint.load_model_and_optimizer(directory, model, optimizer, self.mesh)
+
+
+class DistributedPlan(_MeshCheckpoints):
     """A parallel mesh with moe_dist's gradient reduction hooks."""
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, reducer: GradReducer) -> None:
@@ -146,14 +163,36 @@ class DistributedPlan(_MeshReductions):
         """Global grad norm (experts summed over ep, dense counted once); clips unless inf/0."""
         return clip_grad_norm_(self.model.parameters(), max_norm, self.mesh)
 
-    # checkpoints (collective: every rank calls them) ---------------------------------------------
-    def save_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Write global tensors with DCP, readable at any layout (see distributed/checkpoint.py)."""
-        dist_checkpoint.save_model_and_optimizer(directory, model, optimizer, self.mesh)
 
-    def load_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Read this rank's slices of a checkpoint written at any layout."""
-        dist_checkpoint.load_model_and_optimizer(directory, model, optimizer, self.mesh)
+class FSDPPlan(_MeshCheckpoints):
+    """FSDP2 on a mesh (``parallel.fsdp``): dense parameters sharded over dp, experts over edp.
+
+    FSDP reduce-scatters each block's gradients from its post-backward hook and waits for them
+    at the end of backward, so :meth:`finish_gradient_sync` has nothing left to do. Gradients,
+    parameters and AdamW's state are DTensor shards; checkpoints hold the same global tensors as
+    every other layout.
+    """
+
+    def __init__(self, model: nn.Module, mesh: ParallelMesh) -> None:
+        self.model = model
+        self.mesh = mesh
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Micro-batches inside accumulate unsharded gradients locally; the next backward outside
+        reduce-scatters the sum (FSDP2's ``set_requires_gradient_sync``)."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def finish_gradient_sync(self) -> None:
+        """Nothing: FSDP's end-of-backward callback already waited for the reduce-scatters."""
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global grad norm from the shards (dense summed over dp, experts over edp and ep)."""
+        return clip_sharded_grad_norm_(self.model.parameters(), max_norm, self.mesh)
 
 
 class DeepSpeedPlan(_MeshReductions):
@@ -165,9 +204,13 @@ class DeepSpeedPlan(_MeshReductions):
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config | ParallelConfig,
-                bucket_mb: float = 25.0, record: comms.CollectiveRecord | None = None) -> DistributedPlan:
-    """Parallelize ``model`` in place (``models.parallelize.parallelize_model``) and install the
-    gradient-reduction hooks: the native engine's plan on a mesh."""
+                bucket_mb: float = 25.0, record: comms.CollectiveRecord | None = None,
+                param_dtype: torch.dtype | None = None) -> DistributedPlan | FSDPPlan:
+    """Parallelize ``model`` in place (``models.parallelize.parallelize_model``), then either
+    shard it with FSDP2 (``parallel.fsdp``; ``param_dtype`` bf16 for mixed precision) or install
+    the gradient-reduction hooks: the native engine's plan on a mesh."""
     parallel = cfg.parallel if isinstance(cfg, Config) else cfg
     parallelize_model(model, mesh, parallel, record)
+    if parallel.fsdp:
+        return FSDPPlan(apply_fsdp(model, mesh, param_dtype=param_dtype), mesh)
     return DistributedPlan(model, mesh, GradReducer(model, mesh, bucket_mb=bucket_mb))

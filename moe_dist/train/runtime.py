@@ -60,10 +60,12 @@ class Runtime:
         return bool(comms.all_reduce(value, "max", comms.world_group()).item() > 0)
 
     def parallelize(self, model: nn.Module, cfg: Config) -> GradientPlan:
-        """The native engine's plan: the identity alone, TP/EP + gradient hooks on a mesh."""
+        """The native engine's plan: the identity alone; TP/EP + gradient hooks on a mesh, or
+        FSDP2 with ``parallel.fsdp`` (bf16 parameters when training in bf16)."""
         if not self.distributed:
             return LocalPlan(model)
-        return parallelize(model, self.mesh, cfg, record=self.watchdog.record if self.watchdog else None)
+        return parallelize(model, self.mesh, cfg, record=self.watchdog.record if self.watchdog else None,
+                           param_dtype=self.autocast_dtype(cfg.train.dtype))
 
     def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Run ``what`` (a training step) under the collective watchdog; a no-op alone."""

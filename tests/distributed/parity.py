@@ -33,6 +33,11 @@ class Case:
     accum: int = 1
     force_experts: tuple[int, ...] = ()
     """Route every token to these experts (selection bias), leaving other ranks with none."""
+    bias_rate: float = 0.0
+    """moe.router.bias_update_rate: the auxiliary-loss-free bias moves after every step (both
+    sides call the plan's ``after_optimizer_step``, as the trainers do)."""
+    fsdp: bool = False
+    """Shard with FSDP2; gradients and parameters are gathered (full_tensor) before comparing."""
 
 
 @dataclass
@@ -46,12 +51,14 @@ class RunRecord:
     tp_rank: int = 0
     host_syncs: int = 0
     kept: torch.Tensor | None = None  # [moe layers, E] assignments computed, by global expert id
+    bias: torch.Tensor | None = None  # [moe layers, E] selection biases after the last step
+    bias_of_every_rank: torch.Tensor | None = None  # [world, moe layers, E] all-gathered (rank 0..W-1)
 
 
 def build_model(case: Case) -> Transformer:
     torch.manual_seed(1234)
     router = RouterConfig(top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001,
-                          bias_update_rate=1e-6 if case.force_experts else 0.0)
+                          bias_update_rate=case.bias_rate or (1e-6 if case.force_experts else 0.0))
     capacity = CapacityConfig(policy="fixed", capacity_factor=1.0) if case.capacity else CapacityConfig()
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=SEQ_LEN),
                         MoEConfig(num_experts=case.num_experts, router=router, capacity=capacity))
@@ -75,12 +82,20 @@ def micro_loss(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     return loss + sum(out.losses.values())
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP shard) gathered to what an unsharded rank holds (collective); else itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def _snapshot(model: Transformer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n: _full(p.grad.detach()).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def run_reference(case: Case) -> RunRecord:
+    from moe_dist.train.plan import LocalPlan
+
     model = build_model(case)
+    plan = LocalPlan(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     batches = global_batches(case)
     record = RunRecord()
@@ -96,13 +111,28 @@ def run_reference(case: Case) -> RunRecord:
         record.losses.append(losses)
         record.grads.append(_snapshot(model))
         opt.step()
+        plan.after_optimizer_step(model)
     record.params = {n: p.detach().clone() for n, p in model.named_parameters()}
     record.kept = _kept(model)
+    record.bias = _bias(model)
     return record
 
 
 def _kept(model: Transformer) -> torch.Tensor:
     return torch.stack([layer.stats.kept.clone() for _, layer in model.moe_layers()])
+
+
+def _bias(model: Transformer) -> torch.Tensor:
+    return torch.stack([layer.router.expert_bias.clone() for _, layer in model.moe_layers()])
+
+
+def _bias_of_every_rank(bias: torch.Tensor, world_size: int) -> torch.Tensor:
+    """[world, ...]: every rank's bias, gathered over the whole world (collective)."""
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(bias) for _ in range(world_size)]
+    dist.all_gather(gathered, bias.contiguous())
+    return torch.stack(gathered)
 
 
 def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
@@ -113,7 +143,7 @@ def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
 
     from moe_dist.distributed.param_tags import tp_shard_dim
 
-    parallel = ParallelConfig(dp=case.dp, tp=case.tp, ep=case.ep)
+    parallel = ParallelConfig(dp=case.dp, tp=case.tp, ep=case.ep, fsdp=case.fsdp)
     mesh = build_mesh(parallel, world_size, "cpu")
     model = build_model(case)
     plan = parallelize(model, mesh, parallel)
@@ -136,10 +166,14 @@ def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
         record.losses.append(losses)
         record.grads.append(_snapshot(model))
         opt.step()
-    record.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        plan.after_optimizer_step(model)
+    record.params = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
     record.host_syncs = host_sync_count(model)
     record.kept = _kept(model)
-    plan.reducer.remove_hooks()
+    record.bias = _bias(model)
+    record.bias_of_every_rank = _bias_of_every_rank(record.bias, world_size)
+    if hasattr(plan, "reducer"):
+        plan.reducer.remove_hooks()
     return record
 
 
@@ -164,6 +198,7 @@ def _to_numpy(rec: RunRecord) -> RunRecord:
     rec.grads = [{n: g.numpy() for n, g in step.items()} for step in rec.grads]
     rec.params = {n: p.numpy() for n, p in rec.params.items()}
     rec.kept = rec.kept.numpy()
+    rec.bias, rec.bias_of_every_rank = rec.bias.numpy(), rec.bias_of_every_rank.numpy()
     return rec
 
 
@@ -171,6 +206,7 @@ def from_numpy(rec: RunRecord) -> RunRecord:
     rec.grads = [{n: torch.from_numpy(g) for n, g in step.items()} for step in rec.grads]
     rec.params = {n: torch.from_numpy(p) for n, p in rec.params.items()}
     rec.kept = torch.from_numpy(rec.kept)
+    rec.bias, rec.bias_of_every_rank = torch.from_numpy(rec.bias), torch.from_numpy(rec.bias_of_every_rank)
     return rec
 
 
@@ -190,6 +226,7 @@ def check_against_reference(case: Case, ranks: list[RunRecord], ref: RunRecord, 
     if case.force_experts:
         others = [e for e in range(case.num_experts) if e not in case.force_experts]
         assert ref.kept[:, others].sum() == 0 and (ref.kept[:, list(case.force_experts)] > 0).all()
+    check_bias(case, ranks, ref)
     for rank, rec in enumerate(ranks):
         dp_rank = layout.coords(rank)["dp"]
         start, stop = rec.expert_range
@@ -210,6 +247,20 @@ def check_against_reference(case: Case, ranks: list[RunRecord], ref: RunRecord, 
             want_param = _shard_of(ref.params[name], name, rec, case)
             torch.testing.assert_close(param, want_param, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{case.name} rank {rank} final {name}: {m}")
+
+
+def check_bias(case: Case, ranks: list[RunRecord], ref: RunRecord) -> None:
+    """The selection bias after the last step, exactly: every rank holds what every other rank
+    gathered from it, and that is the single-process reference's bias (the update is a sign of
+    integer counts summed over the token ranks, so no rounding may differ)."""
+    for rank, rec in enumerate(ranks):
+        for other, seen in enumerate(rec.bias_of_every_rank):
+            torch.testing.assert_close(seen, rec.bias, rtol=0, atol=0,
+                                       msg=lambda m: f"{case.name}: rank {other}'s bias seen by rank {rank}: {m}")
+        torch.testing.assert_close(rec.bias, ref.bias, rtol=0, atol=0,
+                                   msg=lambda m: f"{case.name} rank {rank} bias vs the single process: {m}")
+    if case.bias_rate > 0:  # it moved: STEPS is odd, so a bias is 0 only if a count tied the mean
+        assert (ref.bias.abs() > 0).any(), f"{case.name}: the bias never moved: {ref.bias}"
 
 
 def _shard_of(full: torch.Tensor, name: str, rec: RunRecord, case: Case) -> torch.Tensor:

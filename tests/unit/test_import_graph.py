@@ -18,7 +18,7 @@ TOP = 5  # cli.py, sweep.py, report.py, config_reference.py
 
 TORCH_DISTRIBUTED_ALLOWED = ("distributed/", "moe/dispatch/all_to_all.py", "models/parallelize.py",
                              "models/tensor_parallel.py", "models/expert_parallel.py",
-                             "models/arch_parallel.py")
+                             "models/arch_parallel.py", "models/fsdp.py")
 DEEPSPEED_ALLOWED = ("train/engines/deepspeed.py", "train/engines/deepspeed_config.py",
                      "distributed/deepspeed_bridge.py")
 
