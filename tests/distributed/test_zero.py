@@ -314,6 +314,8 @@ def test_user_ds_config_merges_and_refuses_clashes(tmp_path):
 
 
 def test_unsupported_deepspeed_layouts_are_refused_up_front():
+    """The refused cells of docs/deepspeed.md's feature table: ZeRO-3 with MoE, ZeRO-0 with ep > 1,
+    one process, tp > 1 and etp > 1, each by ``validate`` before any process group exists."""
     import pytest
 
     from moe_dist.config import ConfigError, validate
@@ -327,4 +329,12 @@ def test_unsupported_deepspeed_layouts_are_refused_up_front():
     single = ZeroCase("one", stage=2, dp=1, ep=1).config()
     with pytest.raises(ConfigError, match="at least 2 ranks"):
         validate(single, 1)
+    tp = ZeroCase("tp", stage=2, dp=2, ep=2).config()
+    tp.parallel.tp = 2
+    with pytest.raises(ConfigError, match=r"train.engine=deepspeed with parallel.tp \(2\) > 1.*train.engine=native"):
+        validate(tp, 4)
+    etp = ZeroCase("etp", stage=2, dp=4, ep=2).config()
+    etp.parallel.etp = 2
+    with pytest.raises(ConfigError, match=r"parallel.etp \(2\) > 1 is not supported"):  # refused for every engine
+        validate(etp, 4)
     validate(ZeroCase("ok", stage=2, dp=4, ep=2).config(), 4)  # the supported layout passes

@@ -3,15 +3,17 @@
 swapped for a DeepSpeed ZeRO engine's (the config it runs with: ``deepspeed_config.py``).
 
 What stays moe_dist's: data order (rank r's micro-batch m of step s is the same rows as under the
-native engine), the model and its expert parallelism (:func:`apply_ep`), losses, validation,
-metrics, run directory, signals. What DeepSpeed does: gradient reduction and partitioning (ZeRO
-1/2), clipping, the AdamW step on fp32 master partitions, the scheduler, and the checkpoint
-files.
+native engine), the model and its parallelization (:func:`parallelize_model`, the native engine's
+path too), losses, routing state, validation, metrics, run directory, signals. What DeepSpeed
+does: gradient reduction and partitioning (ZeRO 1/2), clipping, the AdamW step on fp32 master
+partitions, the scheduler, and the checkpoint files. docs/deepspeed.md lists every feature with
+its parity test or the reason it is refused.
 
 How expert parallelism meets DeepSpeed (DeepSpeed's MoE conventions, moe_dist's groups):
 
-1. ``apply_ep`` slices every MoE layer's experts to this rank's block and installs the
-   all-to-all dispatcher; moe_dist's mesh owns the ep and edp process groups.
+1. ``parallelize_model`` slices every MoE layer's experts (and PEER's tables) to this rank's
+   block, installs the all-to-all dispatcher and the Stratified MoE pass agreement; moe_dist's
+   mesh owns the ep and edp process groups. (tp = 1: validation refuses tp > 1 here.)
 2. ``distributed/deepspeed_bridge.py`` registers *those same groups* in DeepSpeed's registry
    and tags expert parameters; :func:`~.deepspeed_config.optimizer_param_groups` moves them into
    ``moe=True`` optimizer groups.
@@ -33,6 +35,12 @@ does rank 0 point ``checkpoints/latest`` (DeepSpeed's pointer file) at it, so a 
 moment leaves the previous checkpoint and pointer intact. The step, data position, RNG state and
 config travel in DeepSpeed's ``client_state``; routing state (router biases, controllers) is in
 the module's buffers, which are replicated and saved with the module.
+
+Routing state written between steps (:func:`sync_changed_slots`): DynMoE growth writes a new gate
+row and threshold into the module's parameters after the step. Under ZeRO those parameters are a
+copy of the fp32 master partitions, which the next step would copy back over them; the new rows
+are therefore written into the master partitions too, and the Adam moments of every changed slot
+are zeroed there, as the native engine does in its optimizer state.
 """
 
 from __future__ import annotations
@@ -46,10 +54,12 @@ from torch import nn
 
 from moe_dist.config import Config
 from moe_dist.distributed.deepspeed_bridge import init_deepspeed_comm, register_expert_groups, tag_expert_params
+from moe_dist.distributed.grad_sync import grad_norm
 from moe_dist.distributed.mesh import ParallelMesh
 from moe_dist.distributed.param_tags import is_expert_param
 from moe_dist.metrics import DeviceMeans
-from moe_dist.models.expert_parallel import apply_ep
+from moe_dist.models.parallelize import parallelize_model
+from moe_dist.moe.routing import adaptive
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.engines.deepspeed_config import build_ds_config, optimizer_param_groups
 from moe_dist.train.optim import build_scheduler
@@ -81,8 +91,8 @@ class DeepSpeedTrainer(Trainer):
         self.autocast_dtype = None  # DeepSpeed casts the module itself when bf16 is on
 
     def _configure_parallelism(self) -> None:
-        mesh, cfg = self.rt.mesh, self.cfg
-        apply_ep(self.model, mesh)
+        mesh, cfg, watchdog = self.rt.mesh, self.cfg, self.rt.watchdog
+        parallelize_model(self.model, mesh, cfg.parallel, watchdog.record if watchdog else None)
         self.plan = DeepSpeedPlan(mesh)
         bf16 = self.rt.autocast_dtype(cfg.train.dtype) is torch.bfloat16
         backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -96,19 +106,24 @@ class DeepSpeedTrainer(Trainer):
         engine = self.engine
         self.model.train()
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        norm = None
         for micro in range(self.accum_steps):
             indices = self.sampler.micro_batch_indices(self.step, self.rt.mesh.dp_rank, self.rt.mesh.dp_size,
                                                        micro, self.cfg.train.micro_batch_size)
             inputs, targets = self._batch(indices, "train")
             total, lm_loss, router_losses = self._forward_loss(inputs, targets)
             engine.backward(total)  # divides by gradient_accumulation_steps, reduces at the boundary
+            if micro == self.accum_steps - 1 and not (engine.zero_optimization() or engine.bfloat16_enabled()):
+                # ZeRO-0 in fp32 clips the reduced grads but keeps no norm (ep = 1 there, validated)
+                norm = grad_norm(self.module.parameters(), self.rt.mesh)
             engine.step()  # optimizer + scheduler only at the accumulation boundary
             means.add({"train/loss": total, "train/lm_loss": lm_loss,
                        **{f"train/{name}": value for name, value in router_losses.items()}})
-        norm = engine.get_global_grad_norm()
+        norm = engine.get_global_grad_norm() if norm is None else norm
         if norm is not None:
             means.add({"train/grad_norm": torch.as_tensor(float(norm), device=self.device)})
         self.plan.after_optimizer_step(self.module)
+        sync_changed_slots(self.module, self.optimizer)  # DynMoE slots changed this step
         self.step += 1
 
     # ------------------------------------------------------------------ checkpoints
@@ -178,7 +193,7 @@ def _engine_class():
 
 def build_engine(model: nn.Module, cfg: Config, mesh: ParallelMesh, *, bf16: bool, backend: str,
                  local_rank: int):
-    """Wrap ``model`` (already parallelized: ``apply_ep`` ran) in a DeepSpeed engine.
+    """Wrap ``model`` (already parallelized: ``parallelize_model`` ran) in a DeepSpeed engine.
 
     Steps: attach DeepSpeed's comm layer to our process group, register our expert groups,
     tag expert params, build the torch AdamW with dense/expert groups, then the engine (which
@@ -204,6 +219,85 @@ def build_engine(model: nn.Module, cfg: Config, mesh: ParallelMesh, *, bf16: boo
         raise RuntimeError("DeepSpeed did not register the expert parameters as MoE parameters; "
                            "check the deepspeed version (moe_dist was written against 0.19.8)")
     return engine
+
+
+# --------------------------------------------------------------------------------------------
+# Routing state written between steps (DynMoE)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sync_changed_slots(module: nn.Module, optimizer) -> list[tuple[int, int]]:
+    """After :func:`~moe_dist.moe.routing.adaptive.update_adaptive_experts` (every rank): make the
+    slots it switched on or off hold under the ZeRO optimizer. Returns (layer position, slot)
+    pairs, like the native engine's ``reset_pending_optimizer_state``.
+
+    For each changed slot of each adaptive layer:
+
+    1. its gate row and threshold, already written into the module's parameters, are copied
+       into this rank's fp32 master partition (the next step starts from the master);
+    2. the Adam moments of its gate row, threshold and, on the owning ep rank, expert weights
+       are zeroed in this rank's partition of the optimizer state.
+
+    Without a master copy (ZeRO-0 in fp32: the optimizer steps the module's own parameters) the
+    native rule applies unchanged.
+    """
+    if not any(hasattr(p, "_hp_mapping") for p in module.parameters()):
+        return adaptive.reset_pending_optimizer_state(module, optimizer)
+    done = []
+    for position, layer in enumerate(adaptive.adaptive_layers(module)):
+        router, experts = layer.router, layer.experts
+        slots = router.pending_resets
+        for param in (router.weight, router.threshold):
+            _reset_rows(optimizer, param, slots, copy_to_master=True)
+        local = [s - experts.expert_offset for s in slots if 0 <= s - experts.expert_offset < experts.num_experts]
+        for param in experts.parameters():
+            _reset_rows(optimizer, param, local, copy_to_master=False)
+        done += [(position, slot) for slot in slots]
+        router.pending_resets = []
+    return done
+
+
+def partition_fragments(optimizer, param: torch.Tensor) -> tuple[slice, torch.Tensor, dict[str, torch.Tensor]] | None:
+    """This rank's piece of ``param`` in a ZeRO-1/2 (or bf16) optimizer: (the flattened param's
+    elements it covers, their fp32 master values, {state key: their optimizer state}); None when
+    no element of ``param`` is in this rank's partition.
+
+    DeepSpeed links each parameter to its partition (``param._hp_mapping``). The state is read
+    from the flat fp32 partition that the wrapped torch optimizer steps (its only param in group
+    ``param_group_index``), not from the mapping's own state views: DeepSpeed 0.19.8 links those
+    once, right after the first param group's first step, so every later group's are empty.
+    """
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    base = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside the ZeRO optimizer
+    flat = base.param_groups[mapping.param_group_index]["params"][0]
+    address, here = mapping.hp_fragment_address, mapping.lp_fragment_address
+    master = mapping.get_hp_fragment()
+    assert master.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr(), "ZeRO partition layout changed"
+    state = {key: value.narrow(0, address.start, address.numel) for key, value in base.state.get(flat, {}).items()
+             if torch.is_tensor(value) and value.shape == flat.shape}
+    return slice(here.start, here.start + here.numel), master, state
+
+
+def _reset_rows(optimizer, param: torch.Tensor, rows: list[int], copy_to_master: bool) -> None:
+    """Zero the optimizer state of ``rows`` (indices along dim 0) of ``param`` in this rank's
+    partition; with ``copy_to_master`` also copy the rows' current values into the master."""
+    found = partition_fragments(optimizer, param) if rows else None
+    if found is None:
+        return
+    here, master, state = found
+    flat = param.detach().reshape(-1)
+    row_numel = param.numel() // param.shape[0]
+    for row in rows:
+        lo, hi = max(row * row_numel, here.start), min((row + 1) * row_numel, here.stop)
+        if lo >= hi:
+            continue
+        in_fragment = slice(lo - here.start, hi - here.start)
+        if copy_to_master:
+            master[in_fragment] = flat[lo:hi].to(master.device, master.dtype)
+        for value in state.values():  # every per-element state (AdamW: exp_avg, exp_avg_sq)
+            value[in_fragment] = 0
 
 
 # --------------------------------------------------------------------------------------------
