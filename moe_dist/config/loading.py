@@ -23,14 +23,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is None:
         path = DEFAULT_CONFIG
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs: "
-                          f"{sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))}")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    loaded = _read_yaml(Path(path))
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
     raw = loaded or {}
@@ -38,6 +31,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     return from_dict(Config, raw)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML of ``--config``; every way the file can be wrong is a ConfigError."""
+    shipped = f"shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.yaml'))}"
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file, e.g. one of the {shipped}")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; {shipped}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not a text file ({exc.reason} at byte {exc.start}); "
+                          "pass a YAML file") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror}); "
+                          "check its permissions") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {describe_yaml_error(exc)}") from exc
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: 'expected ..., but found ... (line 2, column 1)'."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context + ', ' if context else ''}{problem}{where}"
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

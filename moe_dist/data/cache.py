@@ -18,12 +18,24 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from moe_dist.config.errors import with_path
+from moe_dist.data.errors import DataError
+
 DEFAULT_CACHE_ROOT = "~/.cache/moe_dist"
 
 
 def cache_root(cache_dir: str) -> Path:
-    """``data.cache_dir`` resolved to an absolute directory ('' means ~/.cache/moe_dist)."""
-    return Path(cache_dir or DEFAULT_CACHE_ROOT).expanduser().resolve()
+    """``data.cache_dir`` resolved to an absolute directory ('' means ~/.cache/moe_dist); a
+    DataError if it is, or lies below, a file."""
+    root = Path(cache_dir or DEFAULT_CACHE_ROOT).expanduser().resolve()
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == root else f"lies below {path}, which is a file"
+                raise DataError(f"data.cache_dir = {cache_dir!r}: {root} {where}, not a directory; set "
+                                "data.cache_dir to a directory ('' means ~/.cache/moe_dist)")
+            break
+    return root
 
 
 def fingerprint(value: Any) -> str:
@@ -53,7 +65,10 @@ def publish_dir(final: Path, write: Callable[[Path], None]) -> bool:
     tmp = _temp_sibling(final)
     tmp.mkdir()
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:  # np.save and write_text name no file on a full disk
+            raise with_path(exc, tmp, f"cannot write the data cache entry {final.name}") from exc
         try:
             os.rename(tmp, final)
         except OSError:
@@ -72,7 +87,11 @@ def publish_file(final: Path, data: bytes) -> bool:
     a complete temporary file). Returns False when another process created it first."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(final)
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise with_path(exc, tmp, f"cannot write the data cache file {final.name}") from exc
     try:
         os.link(tmp, final)
         return True

@@ -20,8 +20,10 @@ and ``data.max_documents`` keeps the first N in source order (files sorted by pa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,13 +132,15 @@ def load_documents(spec: SourceSpec, cfg: DataConfig, hf_cache_dir: Path) -> Any
         for builder in sorted({BUILDERS[p.suffix.lower()] for p in spec.files}):
             files = [str(p) for p in spec.files if BUILDERS[p.suffix.lower()] == builder]
             kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
-            loaded = datasets.load_dataset(builder, data_files=files, split="train",
-                                           cache_dir=str(hf_cache_dir), **kwargs)
+            with _unreadable_as(spec, builder, files):
+                loaded = datasets.load_dataset(builder, data_files=files, split="train",
+                                               cache_dir=str(hf_cache_dir), **kwargs)
             parts.append(_text_column(loaded, "text" if builder == "text" else cfg.text_field, spec))
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     elif spec.kind == "saved":
-        dataset = _text_column(_pick_split(datasets.load_from_disk(str(spec.path)), spec),
-                               cfg.text_field, spec)
+        with _unreadable_as(spec, "save_to_disk", [str(spec.path)]):
+            saved = datasets.load_from_disk(str(spec.path))
+        dataset = _text_column(_pick_split(saved, spec), cfg.text_field, spec)
     else:
         dataset = _text_column(_pick_split(_load_hub(spec), spec), cfg.text_field, spec)
     dataset = dataset.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True,
@@ -149,6 +153,30 @@ def load_documents(spec: SourceSpec, cfg: DataConfig, hf_cache_dir: Path) -> Any
                         "data.text_field to the column that holds it")
     logger.info("data.source %r: %d documents", spec.value, len(dataset))
     return dataset
+
+
+_EXPECTED = {"json": "one JSON object per line (.jsonl) or a JSON array/object (.json)",
+             "text": "UTF-8 text", "parquet": "a Parquet file",
+             "save_to_disk": "a directory written by Dataset.save_to_disk"}
+
+
+@contextlib.contextmanager
+def _unreadable_as(spec: SourceSpec, builder: str, files: list[str]) -> Iterator[None]:
+    """A file that is not what its suffix says (bad JSON, binary .txt, not Parquet) becomes a
+    DataError naming it, instead of the datasets library's traceback."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except (DatasetGenerationError, ValueError) as exc:  # pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors
+        cause: BaseException = exc
+        while isinstance(cause, DatasetGenerationError) and (cause.__cause__ or cause.__context__):
+            cause = cause.__cause__ or cause.__context__
+        shown = files[0] if len(files) == 1 else f"{files[:3]}{' ...' if len(files) > 3 else ''} ({len(files)} files)"
+        reason = " ".join(str(cause).split())[:300]
+        raise DataError(f"data.source = {spec.value!r}: cannot read {shown} as {builder} "
+                        f"({type(cause).__name__}: {reason}); it must be {_EXPECTED[builder]}: fix or remove "
+                        "the file, or point data.source elsewhere") from exc
 
 
 def _load_hub(spec: SourceSpec) -> Any:

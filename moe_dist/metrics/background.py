@@ -13,6 +13,7 @@ Errors raised by the wrapped sink in the worker are re-raised in the caller at t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import threading
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ class BackgroundSink:
         self._worker = threading.Thread(target=self._run, name="metrics-writer", daemon=True)
         self._worker.start()
         # A run that ends by an exception without close() still gets its queued metrics out.
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._submit(self.inner.scalars, step, dict(values))
@@ -69,8 +70,14 @@ class BackgroundSink:
         self._queue.put(_STOP)
         self._worker.join()
         self._closed = True
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         self._raise_pending()
+
+    def _close_at_exit(self) -> None:
+        """At exit the run is over: a write that fails again (the disk is still full) was
+        reported when it first failed, and a second report would be a traceback."""
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _submit(self, fn: Any, *args: Any) -> None:
         self._raise_pending()
@@ -95,4 +102,8 @@ class BackgroundSink:
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, OSError):  # a full disk and the like: the command line reports it as such
+                if error.filename is not None:  # already names the file
+                    raise error
+                raise OSError(error.errno, f"writing metrics failed: {error.strerror or error}") from error
             raise RuntimeError(f"writing metrics failed in the background writer: {error!r}") from error

@@ -18,6 +18,7 @@ calls it, so the trainer can pass its device-side accumulators directly, at logg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_dist.config.errors import with_path
 from moe_dist.metrics.background import BackgroundSink
 from moe_dist.metrics.protocol import MetricsSink
 
@@ -85,7 +87,10 @@ class TensorBoardSink:
         self.log_dir = Path(log_dir)
         # A deep queue: a logging step adds a few hundred events (scalars and histograms per MoE
         # layer), and with the default depth of 10 every add waits for the writer thread.
-        self._writer = SummaryWriter(log_dir=str(self.log_dir), max_queue=4096, flush_secs=30)
+        try:
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), max_queue=4096, flush_secs=30)
+        except OSError as exc:  # its first write names no file
+            raise with_path(exc, self.log_dir, "cannot write the TensorBoard event file") from exc
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for tag, value in values.items():
@@ -166,18 +171,27 @@ class JsonlSink:
 
     def flush(self) -> None:
         self._write_pending()
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise with_path(exc, self.path, f"cannot write {self.path.name}") from exc
 
     def close(self) -> None:
         if not self._file.closed:
-            self.flush()
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                with contextlib.suppress(OSError):  # flush() above already reported it
+                    self._file.close()
 
     def _write_pending(self) -> None:
         if self._step is None or not self._pending:
             return
         record: dict[str, Any] = {"step": self._step, **self._pending}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as exc:  # write() names no file
+            raise with_path(exc, self.path, f"cannot write {self.path.name}") from exc
         self._step = None
         self._pending = {}
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from moe_dist.config import Config, ConfigError
+from moe_dist.config.errors import with_path
+from moe_dist.config.loading import describe_yaml_error
 
 # Keys a resumed run may change without becoming a different run.
 RESUMABLE_KEYS = ("train.steps", "checkpoint.", "log.", "parallel.", "train.engine", "train.device",
@@ -42,14 +44,47 @@ def config_differences(old: dict, new: dict) -> list[str]:
             if old_flat.get(key) != new_flat.get(key) and not key.startswith(RESUMABLE_KEYS)]
 
 
+def check_run_dir_path(run_dir: Path) -> None:
+    """Refuse a run directory that is a file or lies below one (even with --overwrite, which
+    would otherwise delete a file the user named by mistake)."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == run_dir else f"lies below {path}, which is a file"
+            raise ConfigError(f"run directory {run_dir} {where}, not a directory; pass --run-dir with a "
+                              "directory path (it is created if missing)")
+
+
+def read_run_config(config_file: Path) -> dict:
+    """The config.yaml of an existing run directory, or a ConfigError saying it is not one."""
+    try:
+        old = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = describe_yaml_error(exc) if isinstance(exc, yaml.YAMLError) else f"not text: {exc.reason}"
+        raise ConfigError(f"run directory {config_file.parent} has a config.yaml that is not valid YAML "
+                          f"({reason}); pass --run-dir NEW_DIR for a new run, or --overwrite to "
+                          "replace it") from exc
+    if old is None:
+        return {}
+    if not isinstance(old, dict):
+        raise ConfigError(f"run directory {config_file.parent} has a config.yaml that is not a moe_dist config "
+                          f"(a {type(old).__name__}, not a mapping of sections); pass --run-dir NEW_DIR for a "
+                          "new run, or --overwrite to replace it")
+    return old
+
+
 def prepare_run_dir(run_dir: Path, cfg: Config, overwrite: bool, is_writer: bool) -> None:
-    """Create or re-open ``run_dir`` for ``cfg``; refuse a directory of another run."""
+    """Create or re-open ``run_dir`` for ``cfg``; refuse a directory of another run.
+
+    Raises ConfigError for a path that cannot be a run directory or holds another run, and
+    OSError (with the path) when the file system refuses (read-only, permissions, disk full).
+    """
     run_dir = Path(run_dir)
+    check_run_dir_path(run_dir)
     config_file = run_dir / "config.yaml"
     if run_dir.exists() and overwrite and is_writer:
         shutil.rmtree(run_dir)
     elif config_file.is_file():
-        old = yaml.safe_load(config_file.read_text()) or {}
+        old = read_run_config(config_file)
         differences = config_differences(old, cfg.to_dict())
         if differences:
             shown = ", ".join(f"{k} ({flatten_config(old).get(k)!r} -> {flatten_config(cfg.to_dict()).get(k)!r})"
@@ -66,5 +101,9 @@ def prepare_run_dir(run_dir: Path, cfg: Config, overwrite: bool, is_writer: bool
     if is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(cfg.to_yaml())
-        tmp.replace(config_file)
+        try:
+            tmp.write_text(cfg.to_yaml())
+            tmp.replace(config_file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise with_path(exc, config_file, f"cannot write {config_file.name}") from exc

@@ -93,7 +93,8 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path):
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path):
     result = run_train(tmp_path / "a", "data.source=/no/such/corpus", check=False)
-    assert result.returncode != 0 and "data.source" in result.stderr and "/no/such/corpus" in result.stderr
+    assert result.returncode == 2 and "data.source" in result.stderr and "/no/such/corpus" in result.stderr
+    assert "Traceback" not in result.stderr
 
     result = run_train(tmp_path / "b", "moe.router.top_k=5", check=False)
     assert result.returncode == 2 and "moe.router.top_k (5) cannot exceed moe.num_experts (4)" in result.stderr
@@ -105,17 +106,22 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
     run_train(run_dir, "train.steps=2", "moe.num_experts=8", "train.eval_every=0", extra_args=("--overwrite",))
 
 
-def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
+def test_corrupt_checkpoints_are_skipped_or_named(tmp_path):
+    """A damaged newest checkpoint: checkpoint.resume=auto skips it with a warning naming it and
+    resumes from the one before; named explicitly, it stops the run with one line and exit
+    status 4. Nothing is deleted. (Every other damage is covered in tests/unit/test_checkpoint_files.py.)"""
     from moe_dist.train import checkpoint as ckpt
 
     run_dir = tmp_path / "run"
-    run_train(run_dir, "train.steps=2", "train.eval_every=0")
-    directory = ckpt.latest_checkpoint(run_dir)
-    ckpt.verify_checkpoint(directory)
+    common = ["train.steps=2", "train.eval_every=0", "log.every=1", "checkpoint.every=1"]
+    run_train(run_dir, *common)
+    newest = ckpt.latest_checkpoint(run_dir)
+    assert newest.name == "step_00000002"
+    ckpt.verify_checkpoint(newest)
 
     from moe_dist.distributed.checkpoint import read_metadata  # model and optimizer are one DCP checkpoint
 
-    stored = read_metadata(directory).state_dict_metadata
+    stored = read_metadata(newest).state_dict_metadata
     state = {k: torch.zeros(tuple(v.size)) for k, v in stored.items() if k.startswith("model.")}
     key = next(k for k in state if k.endswith("experts.w13"))
     wrong = dict(state)
@@ -123,12 +129,20 @@ def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=rf"tensor {key}: checkpoint shape \(3, 3\) != model shape"):
         ckpt.check_state_dict_fits(wrong, state, "test")
 
-    with open(directory / "__0_0.distcp", "r+b") as handle:
+    with open(newest / "__0_0.distcp", "r+b") as handle:
         handle.seek(100)
         handle.write(b"corrupted!")
-    result = run_train(run_dir, "train.steps=4", "train.eval_every=0", check=False)
-    assert result.returncode != 0
-    assert "__0_0.distcp is corrupt" in result.stderr and "resume from an older checkpoint" in result.stderr
+    result = run_train(tmp_path / "branch", *common, f"checkpoint.resume={newest}", check=False)
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"moe-dist: checkpoint error: checkpoint {newest}: file __0_0.distcp is corrupt" in result.stderr
+    assert "resume from an older checkpoint" in result.stderr
+
+    result = run_train(run_dir, *common)
+    assert f"skipping a checkpoint that does not verify: checkpoint {newest}: file __0_0.distcp is corrupt" \
+        in result.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000001'} at step 1" in result.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    ckpt.verify_checkpoint(newest)  # replaced by the resumed run's own save of step 2
 
 
 def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):

@@ -66,6 +66,16 @@ def test_validate_mesh_sizes():
         validate(cfg, 4)
 
 
+def test_expert_tensor_parallelism_is_refused_by_validate():
+    # Refused for every world size, before the ep x etp divisibility check could give another reason.
+    for world_size in (1, 2, 4):
+        cfg = load_config(None, ["parallel.etp=2"])
+        with pytest.raises(ConfigError, match=r"^parallel.etp \(2\) > 1 is not supported yet \(expert tensor "
+                                              r"parallelism is planned.*\); use parallel.etp=1$"):
+            validate(cfg, world_size)
+    validate(load_config(None, ["parallel.etp=1"]), 2)
+
+
 def test_accumulation_keeps_the_global_batch():
     cfg = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=2"])
     validate(cfg, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from moe_dist.config import DataConfig
-from moe_dist.data import build_datasets
+from moe_dist.data import DataError, build_datasets
 from moe_dist.data import pipeline as pipeline_mod
 from moe_dist.data.cache import cache_root, publish_dir, publish_file
 
@@ -96,6 +97,37 @@ def test_publish_file_first_writer_wins(tmp_path: Path) -> None:
 def test_cache_root_default_and_expansion(tmp_path: Path) -> None:
     assert cache_root("") == Path("~/.cache/moe_dist").expanduser().resolve()
     assert cache_root(str(tmp_path / "c")) == (tmp_path / "c").resolve()
+
+
+def test_cache_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match=r"data.cache_dir = '.*f': .*f is a file, not a directory; set data.cache_dir"):
+        cache_root(str(tmp_path / "f"))
+    with pytest.raises(DataError, match=r"data.cache_dir = '.*sub': .*sub lies below .*f, which is a file"):
+        cache_root(str(tmp_path / "f" / "sub"))
+
+
+def test_full_disk_while_publishing_names_the_entry_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
+    def disk_full(directory: Path) -> None:
+        (directory / "tokens.npy").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"cannot write the data cache entry abc: No space left on device") as info:
+        publish_dir(tmp_path / "packed" / "abc", disk_full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename is not None
+    assert list((tmp_path / "packed").iterdir()) == []
+    real = Path.write_bytes
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        if ".tmp-" in self.name:
+            real(self, data[:1])  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(OSError, match=r"cannot write the data cache file tok.json: No space left"):
+        publish_file(tmp_path / "tok.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["packed"]
 
 
 def test_unreadable_cache_entry_says_to_delete_it(tmp_path: Path) -> None:

@@ -150,6 +150,21 @@ def test_unsupported_file_and_empty_directory(tmp_path: Path) -> None:
         build_datasets(cfg_for(tmp_path / "empty", tmp_path))
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"text": "abc"}\n{not json\n', r"cannot read .*bad.jsonl as json \(ArrowInvalid: JSON parse "
+                                                 r"error: .*\); it must be one JSON object per line .*"),
+    ("bad.parquet", b"not parquet at all", r"cannot read .*bad.parquet as parquet \(ArrowInvalid: Parquet magic "
+                                           r"bytes not found.*\); it must be a Parquet file"),
+    ("binary.txt", bytes(range(256)) * 4, r"cannot read .*binary.txt as text \(UnicodeDecodeError: 'utf-8' codec "
+                                          r"can't decode byte 0x80.*\); it must be UTF-8 text"),
+])
+def test_file_that_is_not_what_its_suffix_says(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"data.source = '.*{name}': {message}: fix or remove the file"):
+        build_datasets(cfg_for(path, tmp_path))
+
+
 def test_missing_text_column_lists_columns(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"body": DOC_A, "title": "x"}))

@@ -4,7 +4,8 @@
   a ``#fragment`` into a Markdown file names one of its headings (GitHub's anchor rules);
 * every error message quoted in docs/guide/troubleshooting.md (its ```text blocks) is produced
   by a message template in moe_dist/ (a string literal, f-string or ``%`` format, where each
-  formatted value may stand for any text);
+  formatted value may stand for any text), or is a file-system error line whose OS wording and
+  fix are those ``describe_os_error`` gives;
 * every ``--flag`` in docs/guide/quickstart.md is a flag of ``moe-dist train``, and every flag
   of ``moe-dist train`` is explained there.
 """
@@ -34,7 +35,7 @@ TEXT_BLOCK = re.compile(r"^```text[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 # What the command line and the logging setup put in front of a message.
 WRAPPERS = (
-    re.compile(r"^moe-dist: config error: "),
+    re.compile(r"^moe-dist: (config|launch|checkpoint) error: "),
     re.compile(r"^\[moe_dist watchdog\] "),
     re.compile(r"^\[rank\d+\]: "),
     re.compile(r"^\[rank \d+\] \S+ \S+ (INFO|WARNING|ERROR) [\w.]+: "),
@@ -178,9 +179,29 @@ def unwrap(message: str) -> str:
     return message
 
 
+# moe_dist.config.errors.describe_os_error: "[what: ]<the OS's reason> [ENAME] (<path>); <fix>".
+FILE_SYSTEM_ERROR = re.compile(r"moe-dist: file-system error: (?:.+: )?(?P<reason>[^:\[]+) \[(?P<name>E[A-Z]+)\]"
+                               r"(?: \([^)]*\))?(?:; (?P<fix>.+))?", re.S)
+
+
 def produced_by_source(message: str) -> bool:
     text = unwrap(message)
-    return any(t.fullmatch(text) for t in source_templates())
+    return any(t.fullmatch(text) for t in source_templates()) or os_error_described(message.strip())
+
+
+def os_error_described(message: str) -> bool:
+    """A file-system error line holds the OS's own wording, so no template in moe_dist/ has it:
+    check that the reason is the OS's text for that errno and the fix is the one moe_dist gives."""
+    import errno
+    import os
+
+    from moe_dist.config.errors import _OS_ERROR_FIXES
+
+    match = FILE_SYSTEM_ERROR.fullmatch(message)
+    if match is None or not hasattr(errno, match["name"]):
+        return False
+    code = getattr(errno, match["name"])
+    return os.strerror(code) == match["reason"] and match["fix"] in (None, _OS_ERROR_FIXES.get(code))
 
 
 def quoted_messages() -> list[str]:
@@ -206,6 +227,12 @@ def test_message_check_rejects_a_changed_message():
     assert produced_by_source(real)
     assert not produced_by_source(real.replace("divisible", "divided"))
     assert unwrap("[rank 0] 2026-11-23 14:49:31,554 WARNING moe_dist.train.trainer: x") == "x"
+    full = ("moe-dist: file-system error: cannot write metrics.jsonl: No space left on device [ENOSPC] (r/m.jsonl); "
+            "the file system is full: free space (older runs, fewer checkpoints with checkpoint.keep_last) or "
+            "point --run-dir / data.cache_dir at another file system")
+    assert produced_by_source(full)
+    assert not produced_by_source(full.replace("No space left", "No room left"))
+    assert not produced_by_source(full.replace("free space", "buy disks"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -194,10 +195,36 @@ def test_background_sink_keeps_order_and_flush_waits():
 
 
 def test_background_sink_reraises_worker_errors():
+    # A file-system error stays an OSError, which the command line reports as one line (exit 4).
     sink = BackgroundSink(_Recorder(fail_on="bad"))
     sink.scalars(1, {"bad": 1.0})
-    with pytest.raises(RuntimeError, match="background writer: OSError\\('disk full'\\)"):
+    with pytest.raises(OSError, match="writing metrics failed: disk full"):
         sink.flush()
+    sink.close()
+    # Anything else is a bug and keeps its type in the message.
+    recorder = _Recorder()
+    recorder.scalars = lambda step, values: 1 / 0
+    sink = BackgroundSink(recorder)
+    sink.scalars(1, {"a": 1.0})
+    with pytest.raises(RuntimeError, match=r"background writer: ZeroDivisionError"):
+        sink.flush()
+    sink.close()
+
+
+def test_full_disk_in_jsonl_sink_names_the_file(tmp_path, monkeypatch):
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    sink.scalars(1, {"train/loss": 1.0})
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")  # write() names no file
+
+    real = sink._file
+    sink._file = FullDisk()
+    with pytest.raises(OSError, match=r"cannot write metrics.jsonl: No space left on device") as info:
+        sink.flush()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "metrics.jsonl")
+    sink._file = real
     sink.close()
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 from moe_dist.metrics import DeviceMeans
 from moe_dist.moe.routing import adaptive
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.optim import build_optimizer, build_scheduler
-from moe_dist.train.trainer import Trainer, truncate_metrics
+from moe_dist.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class NativeTrainer(Trainer):
                                         is_writer=self.rt.is_logging_rank, barrier=self.rt.barrier)
 
     def maybe_resume(self) -> None:
-        directory = ckpt.resolve_resume(self.run_dir, self.cfg.checkpoint.resume)
+        directory = ckpt.resolve_resume(self.run_dir, self.cfg.checkpoint.resume,
+                                        warn=logger.warning if self.rt.is_logging_rank else None)
         if directory is None:
             return
         self.plan.load_model_and_optimizer(directory, self.model, self.optimizer)
@@ -54,15 +56,16 @@ class NativeTrainer(Trainer):
         self._apply_configured_lr()
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
-        if self.rt.is_logging_rank:
-            truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def _apply_configured_lr(self) -> None:
         """The config, not the checkpoint, sets the schedule's peak: a run resumed with another
         train.lr continues on the new schedule at the same step (a no-op when lr is unchanged)."""
         self.scheduler.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+        with warnings.catch_warnings():  # get_lr() outside step() is what we mean here, not a mistake
+            warnings.filterwarnings("ignore", message="To get the last learning rate computed by the scheduler")
+            lrs = self.scheduler.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
 
     def train_step(self, means: DeviceMeans) -> None:
