@@ -1,7 +1,9 @@
 """Data-parallel gradient reduction on gloo against the single-process model.
 
 * dp=2 without EP, and ep=2 with 2 accumulation micro-batches per rank (no_sync on the first):
-  3 AdamW steps, every loss, clipped grad norm, gradient and final parameter compared.
+  3 AdamW steps, every loss, clipped grad norm, gradient and final parameter compared; with
+  ``bias_rate`` the auxiliary-loss-free bias is updated after every step and must be bit-identical
+  on every rank and equal to the reference's.
 * The reducer's own contract, in one 2-rank run: small buckets (several per group) launched
   from the backward hooks in bucket order, a forgotten ``no_sync`` raises, and the grad norm
   counts replicated dense grads once and expert shards summed over ep.
@@ -17,6 +19,7 @@ CASES = [
     Case("dp2", dp=2, ep=1),
     Case("ep2_accum2", dp=2, ep=2, accum=2),
     Case("ep2_accum2_capacity", dp=2, ep=2, accum=2, capacity=True),
+    Case("dp2_bias", dp=2, ep=1, bias_rate=1e-2),  # aux-free bias: identical on both ranks, = reference
 ]
 
 

@@ -4,7 +4,8 @@ Every rank's loss per micro-batch, the clipped global grad norm, every gradient 
 against the slice of the reference's full tensor) and the final parameters are compared. The
 4-process run covers ep=4, dp=4 x ep=2 (edp=2: expert grads summed over edp, divided by dp) in
 both dispatch modes, and routing forced onto experts 0 and 1 so that three of four ranks receive
-no token at all.
+no token at all. The ``_bias`` cases move the auxiliary-loss-free bias after every step (rate
+1e-2): it must stay bit-identical on every rank and equal to the reference's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from parity import Case, check_against_reference, run_cases, run_reference
 WORLD2 = [
     Case("ep2_dropless", dp=2, ep=2),
     Case("ep2_capacity", dp=2, ep=2, capacity=True),
+    Case("ep2_da_moe", dp=2, ep=2, router="da_moe"),  # K_t from each block's own attention
+    Case("ep2_accum2_bias", dp=2, ep=2, accum=2, bias_rate=1e-2),
 ]
 WORLD4 = [
     Case("ep4_dropless", dp=4, ep=4, num_experts=8),
@@ -22,6 +25,7 @@ WORLD4 = [
     Case("dp4xep2_capacity", dp=4, ep=2, capacity=True),
     Case("dp2xtp2xep2_dropless", dp=2, tp=2, ep=2),
     Case("dp2xtp2xep4_dropless", dp=2, tp=2, ep=4, num_experts=8),
+    Case("dp2xtp2xep2_bias", dp=2, tp=2, ep=2, bias_rate=1e-2),
     Case("ep4_zero_tokens_dropless", dp=4, ep=4, num_experts=8, force_experts=(0, 1)),
     Case("ep4_zero_tokens_capacity", dp=4, ep=4, num_experts=8, capacity=True, force_experts=(0, 1)),
 ]

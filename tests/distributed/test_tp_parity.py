@@ -4,7 +4,9 @@ Every rank builds the reference model and the TP model from the same seed, train
 few AdamW steps on the same batches, and compares the loss, every gradient (TP shards gathered
 over the tp group, partial grads summed over tp by the gradient reducer) and the weights.
 The MoE model has balancing, sequence-balancing and z losses switched on and a shared expert,
-so router-loss sharing and every partial-gradient mark are exercised.
+so router-loss sharing and every partial-gradient mark are exercised, and an auxiliary-loss-free
+bias updated after every step (the plans' ``after_optimizer_step``, as the trainers call it): it
+must stay bit-identical on every rank and equal to the reference's.
 megatron-core's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding serve as an
 independent cross-check of our sharded layers.
 """
@@ -28,11 +30,13 @@ from moe_dist.models.transformer import Transformer
 
 VOCAB, SEQ, BATCH, STEPS = 64, 8, 2, 3
 TOL = {"rtol": 1e-4, "atol": 1e-5}
+BIAS_RATE = 1e-2
 
 
 def _configs(moe: bool) -> tuple[ModelConfig, MoEConfig]:
     model_cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=16)
-    router = RouterConfig(top_k=2, aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01)
+    router = RouterConfig(top_k=2, aux_loss_coef=0.1, seq_aux_loss_coef=0.05, z_loss_coef=0.01,
+                          bias_update_rate=BIAS_RATE)
     moe_cfg = MoEConfig(num_experts=4 if moe else 0, every=1, num_shared_experts=1 if moe else 0,
                         router=router)
     return model_cfg, moe_cfg
@@ -82,6 +86,32 @@ def _compare(ref: Transformer, tp: Transformer, mesh: ParallelMesh, what: str, g
         assert_close(got, expected, **TOL, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
+def _after_steps(ref: Transformer, model: Transformer, mesh: ParallelMesh, reducer):
+    """The routing-state update each trainer runs after its optimizer step, for both models."""
+    from moe_dist.train.plan import DistributedPlan, LocalPlan
+
+    ref_plan, plan = LocalPlan(ref), DistributedPlan(model, mesh, reducer)
+
+    def update() -> None:
+        ref_plan.after_optimizer_step(ref)
+        plan.after_optimizer_step(model)
+    return update
+
+
+def _compare_bias(ref: Transformer, model: Transformer, what: str) -> bool:
+    """Every rank's selection biases, all-gathered, equal each other and the reference's exactly.
+    Returns whether the bias is non-zero (with rate 1e-2 this tiny model's bias oscillates and can
+    return to 0, so callers check after every step that it moved at least once)."""
+    biases = [(layer.router.expert_bias, ref_layer.router.expert_bias)
+              for (_, layer), (_, ref_layer) in zip(model.moe_layers(), ref.moe_layers())]
+    for got, want in biases:
+        every = [torch.empty_like(got) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, got)
+        for rank, seen in enumerate(every):
+            assert_close(seen, want, rtol=0, atol=0, msg=lambda m, r=rank: f"{what}: rank {r}'s bias: {m}")
+    return any(bool(want.abs().max() > 0) for _, want in biases)
+
+
 def _train_and_compare(mesh: ParallelMesh, moe: bool, sequence_parallel: bool,
                        gather_logits: bool = True) -> list[float]:
     from moe_dist.distributed.grad_sync import GradReducer
@@ -96,7 +126,8 @@ def _train_and_compare(mesh: ParallelMesh, moe: bool, sequence_parallel: bool,
     reducer = GradReducer(apply_ep(tp, mesh), mesh)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)
     opt_tp = torch.optim.AdamW(tp.parameters(), lr=1e-3, weight_decay=0.1)
-    losses = []
+    after_step = _after_steps(ref, tp, mesh, reducer)
+    losses, moved = [], []
     for step in range(STEPS):
         opt_ref.zero_grad()
         opt_tp.zero_grad()
@@ -109,8 +140,12 @@ def _train_and_compare(mesh: ParallelMesh, moe: bool, sequence_parallel: bool,
         _compare(ref, tp, mesh, f"{what} step {step} grad", grads=True)
         opt_ref.step()
         opt_tp.step()
+        after_step()
+        if moe:
+            moved.append(_compare_bias(ref, tp, f"{what} step {step}"))
         losses.append(loss_tp.item())
     _compare(ref, tp, mesh, f"{what} after {STEPS} AdamW steps, weight", grads=False)
+    assert any(moved) or not moe, f"{what}: the bias never moved"
     reducer.remove_hooks()
     if moe:  # tp ranks routed disjoint tokens: their counters add up to the reference's
         for (_, layer_ref), (_, layer_tp) in zip(ref.moe_layers(), tp.moe_layers()):
@@ -165,7 +200,8 @@ def _tp2_ep2_body(rank: int, world_size: int) -> dict[str, list[float]]:
         reducer = GradReducer(model, mesh)
         opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-        losses = []
+        after_step = _after_steps(ref, model, mesh, reducer)
+        losses, moved = [], []
         for step in range(2):
             opt_ref.zero_grad()
             opt.zero_grad()
@@ -181,8 +217,11 @@ def _tp2_ep2_body(rank: int, world_size: int) -> dict[str, list[float]]:
             _compare(ref, model, mesh, f"tp2 x ep2 sp={sp} step {step} grad", grads=True)
             opt_ref.step()
             opt.step()
+            after_step()
+            moved.append(_compare_bias(ref, model, f"tp2 x ep2 sp={sp} step {step}"))
             losses.append(global_loss.item() / mesh.dp_size)
         _compare(ref, model, mesh, f"tp2 x ep2 sp={sp} weight", grads=False)
+        assert any(moved), f"tp2 x ep2 sp={sp}: the bias never moved"
         reducer.remove_hooks()
         out[f"sp={sp}"] = losses
     return out
