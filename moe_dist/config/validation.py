@@ -35,6 +35,10 @@ def validate(cfg: Config, world_size: int) -> None:
     elif par.ep > 1:
         raise ConfigError(f"parallel.ep ({par.ep}) > 1 needs an MoE model, but moe.num_experts "
                           f"({cfg.moe.num_experts}) / moe.every ({cfg.moe.every}) make it dense; set ep=1")
+    require(not (cfg.moe.enabled and cfg.moe.router.type == "da_moe" and par.tp > 1),
+             f"moe.router.type='da_moe' takes each token's K from its block's attention, which "
+             f"parallel.tp ({par.tp}) > 1 splits over heads and the MoE layer over sequence slices; "
+             "use tp=1 with da_moe (expert and data parallelism work)")
     require(cfg.model.n_heads % par.tp == 0,
              f"model.n_heads ({cfg.model.n_heads}) must be divisible by parallel.tp ({par.tp}); "
              f"use tp in {[d for d in divisors(cfg.model.n_heads) if world_size % d == 0]}")

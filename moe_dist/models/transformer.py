@@ -17,6 +17,7 @@ from torch import nn
 from moe_dist.config import ModelConfig, MoEConfig
 from moe_dist.moe.experts import init_std_for_output
 from moe_dist.moe.layer import MoELayer, SwiGLU
+from moe_dist.moe.routing.variable_k import causal_importance
 
 
 @dataclass
@@ -62,13 +63,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                with_importance: bool = False):
+        """The attention output; with ``with_importance`` also each token's DA-MoE importance
+        [B, S] from these attention probabilities (``causal_importance``)."""
         batch, seq_len, _ = x_BSD.shape
         q, k, v = (proj(x_BSD).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.wq, self.wk, self.wv))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        out = self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        return (out, causal_importance(q, k)) if with_importance else out
 
 
 class Block(nn.Module):
@@ -83,6 +88,12 @@ class Block(nn.Module):
                     else SwiGLU(model_cfg.dim, model_cfg.ffn_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if self.is_moe and isinstance(self.attention, Attention) and getattr(self.mlp, "uses_token_importance", False):
+            # DA-MoE: the router allocates experts from this block's own attention probabilities.
+            attn_out, importance_BS = self.attention(self.attention_norm(x), cos, sin, with_importance=True)
+            x = x + attn_out
+            mlp_out, losses = self.mlp(self.mlp_norm(x), importance_BS)
+            return x + mlp_out, losses
         x = x + self.attention(self.attention_norm(x), cos, sin)
         if self.is_moe:
             mlp_out, losses = self.mlp(self.mlp_norm(x))

@@ -74,8 +74,15 @@ class MoELayer(nn.Module):
             return cap.expert_capacity(num_tokens, self.num_experts, top_k, factor)
         return capacity_dynamic.capacity_for(self, num_tokens, top_k, tokens_per_expert)
 
-    def route(self, x_TD: torch.Tensor, seq_len: int | None) -> RoutingResult:
-        routing = self.router(x_TD, seq_len=seq_len)
+    @property
+    def uses_token_importance(self) -> bool:
+        """Whether the router wants the block attention's per-token importance (DA-MoE)."""
+        return bool(getattr(self.router, "uses_token_importance", False))
+
+    def route(self, x_TD: torch.Tensor, seq_len: int | None,
+              importance_T: torch.Tensor | None = None) -> RoutingResult:
+        extra = {} if importance_T is None else {"importance_T": importance_T}
+        routing = self.router(x_TD, seq_len=seq_len, **extra)
         capacity = self.capacity_for(routing.num_tokens, routing.top_k, routing.tokens_per_expert)
         if capacity is not None:
             priority = routing.weights if self.cfg.capacity.drop_policy == "score" else None
@@ -84,10 +91,12 @@ class MoELayer(nn.Module):
             routing.weights = torch.where(kept, routing.weights, 0.0)
         return routing
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x_BSD: torch.Tensor, token_importance_BS: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, seq_len, dim = x_BSD.shape
         x_TD = x_BSD.reshape(-1, dim)
-        routing = self.route(x_TD, seq_len)
+        importance_T = None if token_importance_BS is None else token_importance_BS.reshape(-1)
+        routing = self.route(x_TD, seq_len, importance_T)
         if self.training:
             self._record(routing)
 

@@ -38,6 +38,8 @@ class Case:
     sides call the plan's ``after_optimizer_step``, as the trainers do)."""
     fsdp: bool = False
     """Shard with FSDP2; gradients and parameters are gathered (full_tensor) before comparing."""
+    router: str = "softmax_topk"
+    """moe.router.type (top_k 2 is the cap of the variable-k routers)."""
 
 
 @dataclass
@@ -57,7 +59,7 @@ class RunRecord:
 
 def build_model(case: Case) -> Transformer:
     torch.manual_seed(1234)
-    router = RouterConfig(top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001,
+    router = RouterConfig(type=case.router, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001,
                           bias_update_rate=case.bias_rate or (1e-6 if case.force_experts else 0.0))
     capacity = CapacityConfig(policy="fixed", capacity_factor=1.0) if case.capacity else CapacityConfig()
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=SEQ_LEN),

@@ -78,31 +78,64 @@ class XMoERouter(CumulativeProbRouter):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def attention_importance(x_TD: torch.Tensor, seq_len: int | None) -> torch.Tensor:
-    """[T] importance in (0, 1]: attention each token *receives*, from a parameter-free proxy.
+def causal_importance(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """[B, S] importance in (0, 1] of every token from causal attention ``softmax(q k^T / sqrt(d))``,
+    using no position after the token itself. DA-MoE's statistic, made causal:
 
-    Steps, per sequence of S tokens (the whole batch is one sequence when ``seq_len`` is None):
+    1. the paper's importance of token j is the attention it *receives*, ``sum_i A[i, j]``; in a
+       causal LM the queries ``i > j`` are j's future, so only ``A[j, j]`` remains: the weight
+       token j's attention keeps on itself, averaged over heads;
+    2. remove the causal bias: under uniform causal attention ``A[j, j] = 1/(j+1)``, so use
+       ``r_j = (j+1) * A[j, j]`` (1 everywhere for uniform attention);
+    3. normalise causally: the paper divides by the sequence maximum, which sees the future;
+       here ``I_j`` is the share of ``r_1..r_j`` that are <= ``r_j`` (its percentile among the
+       positions seen so far), so ``I_j`` is in (0, 1] and independent of later tokens.
 
-    1. proxy causal attention ``A = softmax(x x^T / sqrt(D) + causal mask)`` over the layer's
-       (normalised) input -- one head of width D, no learned projections, no gradient;
-    2. received attention ``r_j = sum_{i >= j} A[i, j]``;
-    3. remove the causal bias: under a *uniform* causal attention token j would receive
-       ``u_j = sum_{i >= j} 1/(i+1)``; use ``r_j / u_j`` (1 everywhere for uniform attention);
-    4. normalise by the sequence maximum.
-
-    This is a proxy: the real model's attention probabilities are not available from fused
-    SDPA kernels. ``r_j`` depends on later tokens, so the k of a token sees its future.
+    ``A[j, j] = exp(q_j.k_j / sqrt(d) - lse_j)`` with the row log-sum-exp computed ``chunk``
+    query rows at a time: memory ``O(chunk * S)`` per head, never the full S x S matrix (fused
+    SDPA kernels do not return probabilities). No gradient flows (K_t is discrete).
     """
+    _, _, seq, head_dim = q_BHSd.shape
+    q, k = q_BHSd.float(), k_BHSd.float()
+    scale = 1.0 / math.sqrt(head_dim)
+    positions = torch.arange(seq, device=q.device)
+    self_score_BHS = (q * k).sum(-1) * scale
+    lse_BHS = torch.empty_like(self_score_BHS)
+    for start in range(0, seq, chunk):
+        stop = min(seq, start + chunk)
+        scores = torch.einsum("bhid,bhjd->bhij", q[:, :, start:stop], k[:, :, :stop]) * scale
+        future = positions[:stop].unsqueeze(0) > positions[start:stop].unsqueeze(1)
+        lse_BHS[:, :, start:stop] = torch.logsumexp(scores.masked_fill(future, float("-inf")), dim=-1)
+    retained_BS = torch.exp(self_score_BHS - lse_BHS).mean(1) * (positions + 1)
+    return causal_percentile(retained_BS, chunk)
+
+
+def causal_percentile(values_BS: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``out[b, j] = #{i <= j: values[b, i] <= values[b, j]} / (j + 1)``, in (0, 1]. Values within
+    a relative 1e-5 count as equal, so rounding noise does not order ties (uniform attention gives
+    1 everywhere)."""
+    seq = values_BS.shape[-1]
+    positions = torch.arange(seq, device=values_BS.device)
+    out = torch.empty_like(values_BS, dtype=torch.float32)
+    for start in range(0, seq, chunk):
+        stop = min(seq, start + chunk)
+        bound = values_BS[:, start:stop] * (1 + 1e-5)
+        at_most = values_BS[:, :stop].unsqueeze(1) <= bound.unsqueeze(2)  # [B, rows, cols]
+        seen = positions[:stop].unsqueeze(0) <= positions[start:stop].unsqueeze(1)
+        out[:, start:stop] = (at_most & seen).sum(-1) / (positions[start:stop] + 1)
+    return out
+
+
+@torch.no_grad()
+def attention_importance(x_TD: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+    """[T] :func:`causal_importance` of a parameter-free proxy attention over the router input
+    (one head, ``q = k = x``), for a DA-MoE router used without the block's attention (the
+    transformer blocks hand the router their real attention's statistic instead). The proxy's
+    self-score dominates, so most tokens get a large K: a fallback, not the paper's signal."""
     num_tokens, dim = x_TD.shape
     seq = seq_len or num_tokens
-    x_BSD = x_TD.float().view(num_tokens // seq, seq, dim)
-    scores_BSS = torch.einsum("bid,bjd->bij", x_BSD, x_BSD) / math.sqrt(dim)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=x_TD.device).tril()
-    attn_BSS = torch.softmax(scores_BSS.masked_fill(~causal, float("-inf")), dim=-1)
-    received_BS = attn_BSS.sum(dim=1)
-    uniform_S = (1.0 / torch.arange(1, seq + 1, device=x_TD.device, dtype=torch.float32)).flip(0).cumsum(0).flip(0)
-    ratio_BS = received_BS / uniform_S
-    return (ratio_BS / ratio_BS.amax(dim=-1, keepdim=True)).reshape(num_tokens)
+    x_B1SD = x_TD.float().view(num_tokens // seq, 1, seq, dim)
+    return causal_importance(x_B1SD, x_B1SD).reshape(num_tokens)
 
 
 def k_from_importance(importance_T: torch.Tensor, max_k: int) -> torch.Tensor:
@@ -112,14 +145,17 @@ def k_from_importance(importance_T: torch.Tensor, max_k: int) -> torch.Tensor:
 
 class DAMoERouter(SoftmaxGate):
     """DA-MoE (Akhavan Aghdam et al. 2024): token t uses the top-``K_t`` experts of the softmax
-    gate, ``K_t = clip(ceil(I_t * Kmax), 1, Kmax)`` with ``I_t`` the normalised attention the
-    token receives; ``Kmax = min(top_k, E)``. Selected gates are renormalised when
-    ``normalize_weights``.
+    gate, ``K_t = clip(ceil(I_t * Kmax), 1, Kmax)`` with ``I_t`` the token's importance from the
+    attention of its own block (:func:`causal_importance`); ``Kmax = min(top_k, E)``. Selected
+    gates are renormalised when ``normalize_weights``.
 
-    ``forward(x, seq_len, importance_T=None)``: a caller holding real attention probabilities
-    can pass ``importance_T`` ([T] in (0, 1]); otherwise :func:`attention_importance` computes
-    the parameter-free proxy from the router input (what :class:`MoELayer` uses).
+    ``forward(x, seq_len, importance_T=None)``: the transformer block passes its attention's
+    ``importance_T`` ([T] in (0, 1]) through the MoE layer; without it the router falls back to
+    :func:`attention_importance`, a proxy from its own input.
     """
+
+    uses_token_importance = True
+    """Tells the MoE layer and the block to hand over the attention's importance."""
 
     def __init__(self, dim: int, num_experts: int, cfg: RouterConfig) -> None:
         super().__init__(dim, num_experts, cfg, max_k=min(cfg.top_k, num_experts))
