@@ -4,8 +4,7 @@ sequence must not move the logits of any earlier position, in training and in ev
 Dropless capacity throughout. Documented exceptions: 'expert_choice' (experts pick tokens over
 the whole micro-batch), PEER with the paper's BatchNorm query (training statistics mix positions;
 checked to leak below), fixed/dynamic capacity (the drop decision is taken over the whole batch,
-docs/routing.md). DA-MoE's importance proxy is normalised over the whole sequence and still leaks
-(issue 16 section 1): its case is a strict xfail, so it fails once DA-MoE becomes causal.
+docs/routing.md). DA-MoE is included: its importance comes from causal attention statistics.
 """
 
 import pytest
@@ -32,7 +31,6 @@ ARCHS = {
     "mh_moe": ["model.arch=mh_moe"],
     "stratified": ["model.arch=stratified", "model.stratified.strata=[2,2]"],
 }
-KNOWN_LEAKS: dict[str, str] = {}
 
 
 def earlier_logits_shift(overrides: list[str], training: bool) -> float:
@@ -51,8 +49,7 @@ def earlier_logits_shift(overrides: list[str], training: bool) -> float:
     return (before - after).abs().max().item()
 
 
-CASES = [pytest.param(name, overrides, marks=pytest.mark.xfail(strict=True, reason=KNOWN_LEAKS[name])
-                      if name in KNOWN_LEAKS else ()) for name, overrides in {**ROUTERS, **ARCHS}.items()]
+CASES = list({**ROUTERS, **ARCHS}.items())
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
