@@ -6,10 +6,11 @@
 The same command runs on one process or under any launcher (torchrun, deepspeed, mpirun,
 srun): the rank layout is read from the environment.
 
-Exit status of ``train``: 0 done; 2 config error (nothing trained); 4 checkpoint or file-system
-error (checkpoints already written are intact); 75 the collective watchdog ended a rank; 124
-stopped by SIGUSR1/SIGTERM after a checkpoint (run again to resume); 130 Ctrl-C. Errors the user
-can fix print one line (:func:`user_error`); a traceback means a bug.
+Exit status of ``train``: 0 done; 2 config error (nothing trained); 3 ``--dry-run`` estimate
+exceeds the device memory; 4 checkpoint or file-system error (checkpoints already written are
+intact); 75 the collective watchdog ended a rank; 124 stopped by SIGUSR1/SIGTERM after a
+checkpoint (run again to resume); 130 Ctrl-C. Errors the user can fix print one line
+(:func:`user_error`); a traceback means a bug.
 """
 
 from __future__ import annotations
