@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands that live in their own modules (sweep, report) register here."""
+    """Subcommands that live in their own modules (sweep, report, export) register here."""
     registrars = []
-    for module_name in ("moe_dist.sweep", "moe_dist.report"):
+    for module_name in ("moe_dist.sweep", "moe_dist.report", "moe_dist.interop.export"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

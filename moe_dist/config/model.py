@@ -139,6 +139,17 @@ class ModelConfig:
     """Standard deviation of the normal weight init (output projections are scaled by depth)."""
     tie_embeddings: bool = False
     """Share the token embedding with the LM head."""
+    init_from: str = ""
+    """Initial weights instead of a random init: a moe_dist run directory (its newest checkpoint)
+    or checkpoint directory, or a local Hugging Face dense Llama directory (config.json +
+    safetensors). Same-shaped tensors are copied, dense MLPs upcycled into MoE layers
+    (docs/interop.md). Weights only: the optimizer and step start afresh. '' means random init."""
+    upcycle_mode: Literal["copy", "partition"] = "copy"
+    """How model.init_from turns a dense MLP into an MoE layer: 'copy' makes every expert a copy
+    (step 0 computes the dense function), 'partition' splits the MLP's neurons among the experts."""
+    upcycle_noise_std: float = 0.0
+    """Std of Gaussian noise added to each upcycled expert's weights (breaks the copies' symmetry).
+    0 disables it."""
     switchhead: SwitchHeadConfig = field(default_factory=SwitchHeadConfig)
     """Options of model.arch=switchhead."""
     peer: PEERConfig = field(default_factory=PEERConfig)
@@ -160,6 +171,8 @@ class ModelConfig:
                  "for rotary embeddings")
         require(self.vocab_size >= 0, f"model.vocab_size ({self.vocab_size}) must be >= 0 (0 = from tokenizer)")
         require(self.max_seq_len > 0, f"model.max_seq_len ({self.max_seq_len}) must be positive")
+        require(self.upcycle_noise_std >= 0,
+                 f"model.upcycle_noise_std ({self.upcycle_noise_std}) must be >= 0 (0 disables it)")
         if self.ffn_dim == 0:
             self.ffn_dim = round_up(int(8 * self.dim / 3), 16)
 

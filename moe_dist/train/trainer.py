@@ -29,6 +29,7 @@ from moe_dist.metrics.progress import format_step_line
 from moe_dist.models.activation_checkpointing import apply_activation_checkpointing
 from moe_dist.models.registry import build_model
 from moe_dist.moe.routing import state as routing_state
+from moe_dist.train.init_from import initialize_from
 from moe_dist.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
+        initialize_from(self.model, cfg, self.run_dir)  # model.init_from; a resumed checkpoint overrides it
         apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.model.to(self.device)
         self._configure_parallelism()
