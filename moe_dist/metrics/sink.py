@@ -45,9 +45,9 @@ JSONL_KEYS: dict[str, str] = {
     "perf/tokens_per_s": "tokens_per_s",
     "perf/mfu": "mfu",
     "perf/step_time_ms": "step_time_ms",
+    "perf/peak_memory_gib": "peak_memory_gib",
 }
 """TensorBoard tag -> ``metrics.jsonl`` key. Tags not listed keep their tag as the key."""
-    "perf/peak_memory_gib": "peak_memory_gib",
 
 JSONL_FILENAME = "metrics.jsonl"
 _HISTOGRAM_BINS = 32

@@ -30,10 +30,11 @@ from moe_dist.models.activation_checkpointing import apply_activation_checkpoint
 from moe_dist.models.registry import build_model
 from moe_dist.moe.routing import state as routing_state
 from moe_dist.train.init_from import initialize_from
+from moe_dist.train.memory import GIB, estimate_memory
 from moe_dist.train.runtime import Runtime
+from moe_dist.train.summary import run_summary, schedule_warnings
 
 logger = logging.getLogger(__name__)
-from moe_dist.train.summary import run_summary, schedule_warnings
 
 PREEMPTED_EXIT_CODE = 124
 
@@ -90,15 +91,15 @@ class Trainer:
                                                         model=self.model).total
         self.peak_tflops = resolve_peak_tflops(cfg.log.peak_tflops, self.device)
         self.step = 0
-
-    # ------------------------------------------------------------------ what each engine provides
-    def _configure_parallelism(self) -> None:
         if runtime.is_logging_rank:
             counts = estimate_memory(cfg, mesh.world_size, checkpointing=cfg.train.activation_checkpointing)
             for line in run_summary(cfg, mesh.world_size, counts).splitlines():
                 logger.info(line)
             for warning in schedule_warnings(cfg):
                 logger.warning(warning)
+
+    # ------------------------------------------------------------------ what each engine provides
+    def _configure_parallelism(self) -> None:
         """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model``."""
         raise NotImplementedError
 
@@ -165,10 +166,10 @@ class Trainer:
         last_loss = last_val = None
         preempted = False
         with build_progress(cfg.log, cfg.train.steps, self.step, self.rt.is_logging_rank) as progress:
+            text_lines = self.rt.is_logging_rank and not progress.enabled  # no bar (off, or not a terminal)
             while self.step < cfg.train.steps:
                 # Every collective of a step (forward, backward, logging, eval, checkpoint) is bounded
                 # by the watchdog: a dead or hung rank ends the run with the last split sizes.
-            text_lines = self.rt.is_logging_rank and not progress.enabled  # no bar (off, or not a terminal)
                 with self.rt.guard(f"training step {self.step + 1}"):
                     self.train_step(means)
                     self.throughput.step(tokens_per_step)
@@ -184,11 +185,11 @@ class Trainer:
                         progress.set_metrics(val_loss=last_val)
                     if record:
                         self.metrics.scalars(self.step, record)
+                        if text_lines:
+                            logger.info(format_step_line(self.step, cfg.train.steps, record))
                     stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
                     if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                         self.save()
-                        if text_lines:
-                            logger.info(format_step_line(self.step, cfg.train.steps, record))
                 if stop and not done:
                     preempted = True
                     break
@@ -207,11 +208,11 @@ class Trainer:
         record["train/lr"] = self.last_lr
         record["perf/tokens_per_s"] = rate.tokens_per_s
         record["perf/step_time_ms"] = rate.step_time_ms
+        if self.device.type == "cuda":  # the allocator's own bookkeeping: no device sync
+            record["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
         utilisation = mfu(rate.tokens_per_s, self.flops_per_token, self.peak_tflops, self.rt.mesh.world_size)
         if utilisation is not None:
             record["perf/mfu"] = utilisation
-        if self.device.type == "cuda":  # the allocator's own bookkeeping: no device sync
-            record["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
         if len(self.load_tracker):
             report = self.load_tracker.collect()
             self.load_tracker.write(report, self.metrics, self.step)

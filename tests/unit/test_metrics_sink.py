@@ -121,12 +121,12 @@ def test_image_shape_is_checked(tmp_path):
         logger.image(1, "moe/load_heatmap", np.zeros((4, 6)))
 
 
-def test_progress_bar_only_on_logging_rank():
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
 
 
+def test_progress_bar_only_on_logging_rank():
     out = _Terminal()  # the bar is drawn on terminals only
     bar = build_progress(LOG_CFG, total_steps=10, start_step=2, is_logging_rank=True, file=out)
     bar.set_metrics(loss=1.2345, tokens_per_s=12_500.0)
