@@ -20,6 +20,9 @@ Sharding: expert weights are divided over ``ep x etp``, the tensor-parallel weig
 attention projections, dense MLPs, output head) over ``tp``. ZeRO-1 partitions the optimizer
 state, ZeRO-2 the gradients too, over the data-parallel ranks (dense parameters) or the
 expert-data-parallel ranks (experts); optimizer offload moves the optimizer state to the host.
+FSDP (``parallel.fsdp``) shards parameters, gradients and optimizer state (fp32: 4 + 4 + 8 bytes)
+over dp (dense) and edp (experts) and adds the gathered compute copies of two blocks (the one
+running and the prefetched one).
 
 Activations, per token of a micro-batch and per block (``h`` hidden, ``f`` dense FFN, ``f_e``
 expert FFN, ``k`` experts per token, ``E`` experts; ``a`` compute-dtype bytes, 4 for the fp32
@@ -130,6 +133,17 @@ def _shard_counts(model: nn.Module, layout: MeshLayout) -> tuple[int, int, int]:
     return total, dense, experts
 
 
+def _largest_block_params(model: nn.Module, layout: MeshLayout) -> int:
+    """Parameters of the largest transformer block on one rank (experts divided by ep x etp)."""
+    largest = 0
+    for block in getattr(model, "layers", []):
+        expert_ids = {id(p) for m in block.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+        count = sum(p.numel() // (layout.ep * layout.etp) if id(p) in expert_ids else p.numel()
+                    for p in block.parameters())
+        largest = max(largest, count)
+    return largest
+
+
 def _activation_bytes_per_token(cfg: Config, model: nn.Module, act_bytes: int, checkpointing: str) -> float:
     dim = cfg.model.dim
     blocks = list(getattr(model, "layers", []))
@@ -187,6 +201,10 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     params = (dense + experts) * param_b
     gradients = dense * grad_b / grad_div_dense + experts * grad_b / grad_div_expert
     optimizer = dense * optim_b / optim_div_dense + experts * optim_b / optim_div_expert
+    if cfg.parallel.fsdp:  # FSDP2: everything sharded, plus the gathered compute copies in flight
+        shards = dense / layout.dp + experts / layout.edp
+        params, gradients, optimizer = shards * 4, shards * 4, shards * 8
+        params += 2 * _largest_block_params(model, layout) * act_bytes  # this block and the prefetched one
     on_host = 0.0
     if deepspeed and cfg.zero.offload_optimizer:
         optimizer, on_host = 0.0, optimizer

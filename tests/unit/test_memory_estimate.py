@@ -118,3 +118,13 @@ def test_the_guide_table_of_scale_configs_is_what_the_estimate_says():
         assert round(est.total_params / 1e9, len(total_b.split(".")[1])) == float(total_b), name
         assert round(est.active_params / 1e9, len(active_b.split(".")[1])) == float(active_b), name
         assert round(est.total / GIB, 1) == float(total_gib), name
+
+
+def test_fsdp_shards_everything_and_adds_two_gathered_blocks():
+    est = _estimate("parallel.fsdp=true", "parallel.ep=2", world_size=4)  # dp 4, edp 2
+    dense, experts = TOTAL - EXPERTS, EXPERTS // 2
+    shards = dense / 4 + experts / 2
+    dense_block = ATTENTION + NORMS + DENSE_MLP  # block 0, larger than block 1's 1888 on one rank
+    assert dense_block > ATTENTION + NORMS + ROUTER + EXPERTS // 2
+    assert est.params == pytest.approx(4 * shards + 2 * dense_block * 4)
+    assert (est.gradients, est.optimizer) == (pytest.approx(4 * shards), pytest.approx(8 * shards))
