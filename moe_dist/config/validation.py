@@ -16,17 +16,15 @@ def resolve_dp(parallel: ParallelConfig, world_size: int) -> int:
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need the world size. Runs on every rank before any collective."""
     par = cfg.parallel
-    # Refused here, not in apply_ep: every rank must stop identically before any group exists.
-    require(par.etp == 1,
-             f"parallel.etp ({par.etp}) > 1 is not supported yet (expert tensor parallelism is planned: "
-             "the mesh has the etp dimension, but no code splits an expert over it); use parallel.etp=1")
     dp = resolve_dp(par, world_size)
     require(dp * par.tp == world_size,
              f"parallel.dp ({dp}) x parallel.tp ({par.tp}) = {dp * par.tp} must equal the world size "
              f"({world_size}); use tp in {divisors(world_size)} and dp=-1 to infer dp")
     require(world_size % (par.ep * par.etp) == 0,
              f"parallel.ep ({par.ep}) x parallel.etp ({par.etp}) = {par.ep * par.etp} must divide the "
-             f"world size ({world_size}); use ep in {divisors(world_size)}")
+             f"world size ({world_size}); " + (f"use ep in {eps}" if (eps := [d for d in divisors(world_size)
+                                                                            if world_size % (d * par.etp) == 0])
+                                                else f"use etp in {divisors(world_size)}"))
     if cfg.moe.enabled:
         require(cfg.moe.num_experts % par.ep == 0,
                  f"moe.num_experts ({cfg.moe.num_experts}) must be divisible by parallel.ep ({par.ep}); "
@@ -39,6 +37,8 @@ def validate(cfg: Config, world_size: int) -> None:
              f"moe.router.type='da_moe' takes each token's K from its block's attention, which "
              f"parallel.tp ({par.tp}) > 1 splits over heads and the MoE layer over sequence slices; "
              "use tp=1 with da_moe (expert and data parallelism work)")
+    if par.etp > 1:
+        _validate_etp(cfg, world_size)
     require(cfg.model.n_heads % par.tp == 0,
              f"model.n_heads ({cfg.model.n_heads}) must be divisible by parallel.tp ({par.tp}); "
              f"use tp in {[d for d in divisors(cfg.model.n_heads) if world_size % d == 0]}")
@@ -58,6 +58,24 @@ def validate(cfg: Config, world_size: int) -> None:
         _validate_deepspeed(cfg, world_size)
 
 
+def _validate_etp(cfg: Config, world_size: int) -> None:
+    """What parallel.etp > 1 (expert tensor parallelism) needs (docs/parallelism.md)."""
+    par = cfg.parallel
+    require(cfg.moe.enabled,
+            f"parallel.etp ({par.etp}) > 1 needs an MoE model, but moe.num_experts ({cfg.moe.num_experts}) / "
+            f"moe.every ({cfg.moe.every}) make it dense; set etp=1")
+    require(cfg.model.arch == "transformer",
+            f"parallel.etp ({par.etp}) > 1 with model.arch={cfg.model.arch}: only the plain transformer's MoE "
+            "layers split their experts over etp; use model.arch=transformer or parallel.etp=1")
+    ffn = cfg.moe.expert_ffn_dim or cfg.model.ffn_dim
+    what = (f"moe.expert_ffn_dim ({ffn})" if cfg.moe.expert_ffn_dim
+            else f"model.ffn_dim ({ffn}, the experts' FFN as moe.expert_ffn_dim=0)")
+    usable = [d for d in divisors(ffn) if d > 1 and world_size % (d * par.ep) == 0]
+    require(ffn % par.etp == 0,
+            f"{what} must be divisible by parallel.etp ({par.etp}): each etp rank holds ffn/etp "
+            f"columns of every expert; use etp in {usable or [1]} or moe.expert_ffn_dim={round_up(ffn, par.etp)}")
+
+
 def _validate_fsdp(cfg: Config) -> None:
     """What parallel.fsdp supports (docs/parallelism.md, "FSDP2 with expert parallelism")."""
     par = cfg.parallel
@@ -67,6 +85,10 @@ def _validate_fsdp(cfg: Config) -> None:
             "zero.stage=1/2")
     require(par.tp == 1, f"parallel.fsdp=true with parallel.tp ({par.tp}) > 1 is not supported yet; "
                          "use tp=1 (shard with fsdp over dp) or parallel.fsdp=false")
+    require(par.etp == 1,
+            f"parallel.fsdp=true with parallel.etp ({par.etp}) > 1 is not supported: FSDP2 would shard the "
+            "etp expert shards over edp, which the sharded grad-norm and checkpoint code do not handle; use "
+            "parallel.fsdp=false with etp (experts split over etp, replicated over edp), or etp=1 with fsdp")
     require(cfg.model.arch == "transformer",
             f"parallel.fsdp=true with model.arch={cfg.model.arch}: only the plain transformer is sharded and "
             "tested with FSDP; use model.arch=transformer or parallel.fsdp=false")
@@ -82,6 +104,10 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
                              "or mpirun); for one process use train.engine=native")
     require(par.tp == 1, f"train.engine=deepspeed with parallel.tp ({par.tp}) > 1 is not supported: "
                           "DeepSpeed's data-parallel group would span the tp ranks; use tp=1 or train.engine=native")
+    require(par.etp == 1,
+            f"train.engine=deepspeed with parallel.etp ({par.etp}) > 1 is not supported: expert tensor "
+            "parallelism is the native engine's (DeepSpeed's expert groups, gradient norm and checkpoints know "
+            "ep only); use train.engine=native with etp, or parallel.etp=1 with deepspeed")
     if cfg.moe.enabled and stage == 3:
         raise ConfigError(
             "zero.stage (3) with an MoE model: ZeRO-3 partitions every parameter over the whole data-"

@@ -16,6 +16,15 @@ stride=...)``: no communication, the storage is shared). DCP turns that into a c
   group holds experts ``[r*L, (r+1)*L)`` (``GroupedExperts.expert_offset``), PEER tables rows
   ``[r*N/P, (r+1)*N/P)``: contiguous equal blocks in ep-rank order, exactly DTensor's ``Shard(0)``.
 * tensor-parallel shards (tagged ``_tp_sharded``) under ``tp > 1``: dim ``_tp_shard_dim`` over ``tp``.
+* expert weights split over ``etp`` too (tagged ``etp_shard``, expert tensor parallelism): a 2-D
+  sharding, dim 0 over ``ep`` and the FFN dim over ``etp``. ``w13``'s FFN dim is the gate and the
+  up projection fused, and each is split over etp on its own, so an etp rank's ``[L, D, 2F/etp]``
+  is *two* boxes of the global ``[E, D, 2F]`` (its gate block and its up block), which no
+  DTensor placement describes. Such a tensor is handed to DCP as its local shard plus the list
+  of boxes (:meth:`ShardSpec.boxes`), and the planners of ``checkpoint_planner.py`` write and
+  read one chunk per box (views of the local shard: a load fills it in place). On disk it is the
+  same global tensor in more chunks, so an ``ep=2 x etp=2`` checkpoint loads in one process and
+  the other way round.
 * everything else (dense weights, buffers, AdamW's ``step``): a plain tensor, i.e. replicated.
 
 Under FSDP2 (``parallel.fsdp``, ``models/fsdp.py``) parameters and AdamW's slots are DTensors
@@ -32,6 +41,7 @@ are wrapped exactly like their parameter, so they follow its sharding.
 
 DTensor was chosen over a custom DCP planner because it needs no planner code and works on CPU
 gloo in torch 2.13 over a slice of a multi-dimensional ``DeviceMesh`` (``mesh.submesh('ep')``).
+The etp shards, which DTensor cannot describe, are the one case that needs the small planners.
 
 Checks
 ------
@@ -59,8 +69,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
+from moe_dist.distributed.checkpoint_planner import BoxLoadPlanner, BoxSavePlanner
 from moe_dist.distributed.mesh import ParallelMesh
-from moe_dist.distributed.param_tags import expert_offset, is_expert_param, is_tp_sharded, tp_shard_dim
+from moe_dist.distributed.param_tags import (
+    etp_blocks,
+    etp_shard,
+    expert_offset,
+    is_expert_param,
+    is_tp_sharded,
+    tp_shard_dim,
+)
 
 MODEL = "model"
 OPTIM = "optim"
@@ -75,22 +93,42 @@ _MAX_LISTED = 20
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """How this rank's tensor sits in the global one: block ``rank`` of ``size`` along ``dim``."""
+    """How this rank's tensor sits in the global one: block ``rank`` of ``size`` along ``dim``,
+    and with ``etp`` (``(dim, parts, rank, size)``, see ``param_tags.etp_blocks``) also split over
+    the etp group along another dim."""
 
     mesh_dim: str
     """'ep' or 'tp': the sub-mesh whose ranks hold the blocks."""
     dim: int
     rank: int
     size: int
+    etp: tuple[int, int, int, int] | None = None
 
     def global_shape(self, local: torch.Size) -> tuple[int, ...]:
         shape = list(local)
         shape[self.dim] *= self.size
+        if self.etp is not None:
+            shape[self.etp[0]] *= self.etp[3]
         return tuple(shape)
+
+    def boxes(self, local: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """``(global offset, view of local)`` of every box of an etp shard: one per fused part."""
+        assert self.etp is not None, "only an etp shard is written box by box"
+        dim, parts, rank, size = self.etp
+        offset = [0] * local.ndim
+        offset[self.dim] = self.rank * local.shape[self.dim]
+        per_part = local.shape[dim] // parts
+        out = []
+        for part, (start, _) in enumerate(etp_blocks(local.shape[dim] * size, parts, rank, size)):
+            offset[dim] = start
+            out.append((tuple(offset), local.narrow(dim, part * per_part, per_part)))
+        return out
 
 
 def shard_spec(param: torch.Tensor, mesh: ParallelMesh) -> ShardSpec | None:
     """The sharding of a parameter on this mesh; None when it is replicated."""
+    if is_expert_param(param) and etp_shard(param) is not None:
+        return ShardSpec("ep", 0, mesh.ep_rank, mesh.ep_size, etp=etp_shard(param))
     if is_expert_param(param) and mesh.ep_size > 1:
         return ShardSpec("ep", 0, mesh.ep_rank, mesh.ep_size)
     if is_tp_sharded(param) and mesh.tp_size > 1:
@@ -112,6 +150,11 @@ def _check_expert_offsets(model: nn.Module, mesh: ParallelMesh) -> None:
                                   f"but ep rank {mesh.ep_rank} of {mesh.ep_size} should hold "
                                   f"[{expected}, {expected + rows}); apply_ep's slicing "
                                   "and the checkpoint layout disagree")
+        etp = etp_shard(param)
+        if (etp is None and mesh.etp_size > 1) or (etp is not None and etp[2:] != (mesh.etp_rank, mesh.etp_size)):
+            raise CheckpointError(f"expert shard {name} is etp shard {etp and etp[2:]} (rank, size), but this "
+                                  f"rank is etp rank {mesh.etp_rank} of {mesh.etp_size}; apply_ep's slicing "
+                                  "and the checkpoint layout disagree")
 
 
 def _as_global(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) -> torch.Tensor:
@@ -123,8 +166,8 @@ def _as_global(local: torch.Tensor, spec: ShardSpec | None, mesh: ParallelMesh) 
     from torch.distributed.tensor import DTensor, Shard
 
     local = local.detach()
-    if spec is None:
-        return local
+    if spec is None or spec.etp is not None:
+        return local  # an etp shard goes box by box (ShardedState.boxes)
     shape = spec.global_shape(local.shape)
     stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))  # contiguous
     if isinstance(local, DTensor):
@@ -151,13 +194,23 @@ class ShardedState:
     ``expected`` maps every flattened tensor key (``model.layers.0.moe.experts.w13``) to its
     global shape; ``specs`` maps it to its sharding (None: replicated); ``sources`` to the
     tensor as the model or optimizer holds it (a local shard, or FSDP's DTensor), whose storage
-    the entry in ``state`` shares, so a DCP load into ``state`` fills it in place.
+    the entry in ``state`` shares, so a DCP load into ``state`` fills it in place. ``boxes`` maps
+    the key of every etp shard to its boxes (global offset, view), which the planners write and
+    read instead of the entry in ``state``.
     """
 
     state: dict[str, Any]
     expected: dict[str, tuple[int, ...]]
     specs: dict[str, ShardSpec | None]
     sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    boxes: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = field(default_factory=dict)
+
+    def add(self, key: str, tensor: torch.Tensor, spec: ShardSpec | None) -> None:
+        self.expected[key] = spec.global_shape(tensor.shape) if spec else tuple(tensor.shape)
+        self.specs[key] = spec
+        self.sources[key] = tensor.detach()
+        if spec is not None and spec.etp is not None:
+            self.boxes[key] = spec.boxes(tensor.detach())
 
 
 def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -174,19 +227,13 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
     """
     _check_expert_offsets(model, mesh)
     model_state: dict[str, torch.Tensor] = {}
-    expected: dict[str, tuple[int, ...]] = {}
-    specs: dict[str, ShardSpec | None] = {}
-    sources: dict[str, torch.Tensor] = {}
+    sharded = ShardedState({MODEL: model_state}, {}, {})
     for name, tensor in model.state_dict(keep_vars=True).items():
         spec = shard_spec(tensor, mesh) if isinstance(tensor, nn.Parameter) else None
         model_state[name] = _as_global(tensor, spec, mesh)
-        key = f"{MODEL}.{name}"
-        expected[key] = spec.global_shape(tensor.shape) if spec else tuple(tensor.shape)
-        specs[key] = spec
-        sources[key] = tensor.detach()
-    state: dict[str, Any] = {MODEL: model_state}
+        sharded.add(f"{MODEL}.{name}", tensor, spec)
     if optimizer is None:
-        return ShardedState(state, expected, specs, sources)
+        return sharded
 
     params = _named_params(model)
     slots_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -206,12 +253,10 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
             follows_param = value.shape == param.shape and value.ndim > 0
             slot_spec = spec if follows_param else None
             slots_state[fqn][slot] = _as_global(value, slot_spec, mesh)
-            expected[key] = slot_spec.global_shape(value.shape) if slot_spec else tuple(value.shape)
-            specs[key] = slot_spec
-            sources[key] = value
+            sharded.add(key, value, slot_spec)
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    state[OPTIM] = {"state": slots_state, "param_groups": groups}
-    return ShardedState(state, expected, specs, sources)
+    sharded.state[OPTIM] = {"state": slots_state, "param_groups": groups}
+    return sharded
 
 
 def _allocate_slot(param: nn.Parameter, fqn: str, slot: str, global_shape: tuple[int, ...],
@@ -346,7 +391,8 @@ def save_state(sharded: ShardedState, directory: Path) -> Metadata:
 
     try:
         with _quiet_single_process():
-            dcp.save(sharded.state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=_no_dist())
+            dcp.save(sharded.state, storage_writer=dcp.FileSystemWriter(str(directory)),
+                     planner=BoxSavePlanner(sharded.boxes, sharded.expected), no_dist=_no_dist())
     except CheckpointException as exc:
         causes = "; ".join(f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
                            for rank, err in sorted(exc.failures.items()))
@@ -371,7 +417,8 @@ def load_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch
         raise CheckpointError(f"checkpoint {directory} has {_count_groups(metadata)} optimizer param groups, "
                               f"the optimizer {len(optimizer.param_groups)}; was it written with another config?")
     with _quiet_single_process():
-        dcp.load(sharded.state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=_no_dist())
+        dcp.load(sharded.state, storage_reader=dcp.FileSystemReader(str(directory)),
+                 planner=BoxLoadPlanner(sharded.boxes), no_dist=_no_dist())
 
     # DCP filled the sources in place; load_state_dict (not only that copy) so modules' load
     # hooks run.

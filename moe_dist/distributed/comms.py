@@ -289,6 +289,101 @@ def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int],
 
 
 # --------------------------------------------------------------------------------------------
+# Autograd row all-gather / reduce-scatter, even or uneven (expert tensor parallelism)
+# --------------------------------------------------------------------------------------------
+
+def _gather_rows(x: Tensor, rows: list[int] | None, group: ProcessGroup, record: CollectiveRecord | None,
+                 name: str) -> Tensor:
+    """Every rank's rows of `x` concatenated in group-rank order. ``rows`` None: all ranks hold
+    ``x.shape[0]`` rows (one all_gather_into_tensor); else ``rows[j]`` rows on rank j (an
+    all_to_all_single that sends this rank's rows to every rank)."""
+    w = dist.get_world_size(group)
+    if rows is None:
+        out = x.new_empty((w * x.shape[0], *x.shape[1:]))
+        _record(record, name, group, x)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _done(record)
+        return out
+    _check_rows(x, rows, group)
+    out = x.new_empty((sum(rows), *x.shape[1:]))
+    send = x.unsqueeze(0).expand(w, *x.shape).reshape(w * x.shape[0], *x.shape[1:])
+    return _a2a(out, send, rows, [x.shape[0]] * w, group, record, name)
+
+
+def _reduce_scatter_rows(x: Tensor, rows: list[int] | None, group: ProcessGroup,
+                         record: CollectiveRecord | None, name: str) -> Tensor:
+    """Sum `x` over the group and keep this rank's rows: block j of dim 0 (``rows[j]`` rows, or
+    ``x.shape[0] / W`` each when ``rows`` is None) goes to rank j."""
+    w = dist.get_world_size(group)
+    if rows is None:
+        if x.shape[0] % w != 0:
+            raise ValueError(f"reduce_scatter_rows: {x.shape[0]} rows do not split evenly over {w} ranks")
+        out = x.new_empty((x.shape[0] // w, *x.shape[1:]))
+        _record(record, name, group, x)
+        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+        _done(record)
+        return out
+    if sum(rows) != x.shape[0]:
+        raise ValueError(f"reduce_scatter_rows: rows {list(rows)} sum to {sum(rows)}, the input has {x.shape[0]}")
+    mine = rows[dist.get_rank(group)]
+    partials = x.new_empty((w * mine, *x.shape[1:]))
+    _a2a(partials, x, [mine] * w, rows, group, record, name)
+    return partials.view(w, mine, *x.shape[1:]).sum(0)
+
+
+def _check_rows(x: Tensor, rows: list[int], group: ProcessGroup) -> None:
+    me = dist.get_rank(group)
+    if len(rows) != dist.get_world_size(group) or rows[me] != x.shape[0]:
+        raise ValueError(f"rows {list(rows)} must list every rank's row count (this rank, {me}, has {x.shape[0]})")
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rows: list[int] | None, group: ProcessGroup,
+                record: CollectiveRecord | None) -> Tensor:
+        ctx.rows, ctx.group, ctx.record = rows, group, record
+        return _gather_rows(x, rows, group, record, "all_gather_rows")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (_reduce_scatter_rows(grad.contiguous(), ctx.rows, ctx.group, ctx.record,
+                                     "all_gather_rows(backward)"), None, None, None)
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rows: list[int] | None, group: ProcessGroup,
+                record: CollectiveRecord | None) -> Tensor:
+        ctx.rows, ctx.group, ctx.record = rows, group, record
+        return _reduce_scatter_rows(x, rows, group, record, "reduce_scatter_rows")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (_gather_rows(grad.contiguous(), ctx.rows, ctx.group, ctx.record,
+                             "reduce_scatter_rows(backward)"), None, None, None)
+
+
+def all_gather_rows(x: Tensor, rows: list[int] | None, group: ProcessGroup | None,
+                    record: CollectiveRecord | None = None) -> Tensor:
+    """Differentiable all-gather along dim 0: every rank gets all ranks' rows, in group-rank order.
+
+    ``rows`` is None when every rank holds the same number of rows (all_gather_into_tensor),
+    else the host row count of every rank of the group (uneven: all_to_all_single). Backward is
+    :func:`reduce_scatter_rows` of the gradient: each rank's rows receive the sum of every rank's
+    gradient for them. ``group=None`` is the identity.
+    """
+    return x if group is None else _GatherRows.apply(x, rows, group, record)
+
+
+def reduce_scatter_rows(x: Tensor, rows: list[int] | None, group: ProcessGroup | None,
+                        record: CollectiveRecord | None = None) -> Tensor:
+    """Differentiable reduce-scatter along dim 0, the inverse layout of :func:`all_gather_rows`:
+    `x` holds every rank's rows in group-rank order; each rank gets the sum over the group of
+    its own block. Backward all-gathers the gradient. ``group=None`` is the identity."""
+    return x if group is None else _ReduceScatterRows.apply(x, rows, group, record)
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd collectives for tensor / sequence parallelism
 # --------------------------------------------------------------------------------------------
 

@@ -15,6 +15,13 @@ Every rank's loss is the mean over its own micro-batch, and the global loss is t
   **dp** size, not an average over edp. (With ep = dp, edp is 1 and the gradient is only
   scaled by 1/dp.) tests/distributed/test_dp_parity.py checks both rules against the
   single-process model.
+* An **expert shard under etp** (its FFN columns split over the etp group, ``moe/dispatch/etp.py``)
+  changes nothing: the etp all-gather hands every etp rank the rows of its whole etp group, so
+  the shard's local gradient sums the tokens of the ``ep x etp`` block (the reduce-scatter's
+  backward is an all-gather of the output gradients), and edp x ep x etp is the whole world:
+  again ``(1/dp) * sum over edp``. Only the norm changes: the etp shards are disjoint, so their
+  squared norms are summed over etp as well (:func:`grad_norm`).
+  tests/distributed/test_etp_parity.py checks it.
 
 Worked example, world 4, ``dp=4, ep=2``: ep groups [0,1] [2,3], edp groups [0,2] [1,3]. Expert 0
 lives on ranks 0 and 2; rank 0's grad sums the tokens of ranks 0 and 1, rank 2's those of 2 and
@@ -45,7 +52,7 @@ import torch
 from torch import nn
 
 from moe_dist.distributed import comms
-from moe_dist.distributed.param_tags import is_expert_param, is_tp_partial_grad, is_tp_sharded
+from moe_dist.distributed.param_tags import etp_shard, is_expert_param, is_tp_partial_grad, is_tp_sharded
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -208,17 +215,20 @@ def grad_norm(params: Iterable[torch.Tensor], mesh: ParallelMesh) -> torch.Tenso
     """Global L2 norm of the full model's gradient, from reduced grads on every rank.
 
     Replicated dense grads are counted once (every rank holds the same values); expert shards
-    are summed over the ep group (each ep rank holds different experts, edp replicas are equal);
+    are summed over the ep group (each ep rank holds different experts, edp replicas are equal)
+    and, when split over etp, over the etp group too (each etp rank holds different FFN columns);
     tp-sharded dense grads are summed over the tp group.
     """
     params = [p for p in params if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
-    sq = {"dense": torch.zeros((), device=device, dtype=torch.float32),
-          "expert": torch.zeros((), device=device, dtype=torch.float32),
-          "tp": torch.zeros((), device=device, dtype=torch.float32)}
+    sq = {kind: torch.zeros((), device=device, dtype=torch.float32)
+          for kind in ("dense", "expert", "expert_etp", "tp")}
     for p in params:
-        kind = "expert" if is_expert_param(p) else "tp" if is_tp_sharded(p) else "dense"
+        kind = (("expert_etp" if etp_shard(p) is not None else "expert") if is_expert_param(p)
+                else "tp" if is_tp_sharded(p) else "dense")
         sq[kind] += p.grad.detach().float().square().sum()
+    comms.all_reduce(sq["expert_etp"], "sum", mesh.etp_group)  # ep x etp: orthogonal groups
+    sq["expert"] += sq["expert_etp"]
     comms.all_reduce(sq["expert"], "sum", mesh.ep_group)
     comms.all_reduce(sq["tp"], "sum", mesh.tp_group)
     return (sq["dense"] + sq["expert"] + sq["tp"]).sqrt()

@@ -7,6 +7,11 @@ clipping and checkpoints (this package) read only the tags, never the model clas
 * **expert shard** (:func:`mark_expert_param`): rows ``[offset, offset + rows)`` of a tensor
   whose dim 0 is split in equal contiguous blocks over the ep group. Reduced over edp, norm
   summed over ep, written to checkpoints as block ``ep_rank`` of dim 0.
+* **etp shard** (:func:`mark_etp_shard`): an expert shard whose dim ``d`` is also split over the
+  etp group (expert tensor parallelism). Dim ``d`` is ``parts`` equal fused parts (w13's gate and
+  up halves: 2; w2: 1), and each part is split in ``etp`` contiguous blocks: etp rank r holds
+  block r of every part, concatenated (:func:`etp_blocks`, :func:`take_etp_shard`). Reduced over
+  edp like any expert, norm summed over ep and etp, written to checkpoints as one box per part.
 * **tp shard** (``_tp_sharded`` + ``_tp_shard_dim``): split over the tp group along one dim;
   reduced over dp only, norm summed over tp.
 * **tp partial gradient** (``_tp_partial_grad``): replicated over tp, but each tp rank saw only its
@@ -26,6 +31,10 @@ EXPERT_OFFSET = "_moe_expert_offset"
 TP_SHARDED = "_tp_sharded"
 TP_SHARD_DIM = "_tp_shard_dim"
 TP_PARTIAL_GRAD = "_tp_partial_grad"
+ETP_SHARD_DIM = "_etp_shard_dim"
+ETP_PARTS = "_etp_parts"
+ETP_RANK = "_etp_rank"
+ETP_SIZE = "_etp_size"
 
 
 def mark_expert_param(param: torch.Tensor, offset: int = 0) -> None:
@@ -41,6 +50,42 @@ def is_expert_param(param: torch.Tensor) -> bool:
 def expert_offset(param: torch.Tensor) -> int:
     """Global index of this shard's first row along dim 0 (0 when not sharded)."""
     return int(getattr(param, EXPERT_OFFSET, 0))
+
+
+def etp_blocks(length: int, parts: int, rank: int, size: int) -> list[tuple[int, int]]:
+    """``(global start, length)`` along the etp dim of every block etp rank ``rank`` holds, in its
+    local order: block ``rank`` of each of the ``parts`` fused parts of a dim of ``length``.
+
+    w13's last dim (2F = gate | up, parts 2), F = 8, etp 2: rank 0 holds [(0, 4), (8, 4)] (gate
+    0-3, up 0-3), rank 1 holds [(4, 4), (12, 4)] (gate 4-7, up 4-7).
+    """
+    if length % (parts * size) != 0:
+        raise ValueError(f"a dim of {length} does not split into {parts} part(s) x {size} etp blocks")
+    part, block = length // parts, length // (parts * size)
+    return [(p * part + rank * block, block) for p in range(parts)]
+
+
+def take_etp_shard(full: torch.Tensor, dim: int, parts: int, rank: int, size: int) -> torch.Tensor:
+    """Etp rank ``rank``'s shard of ``full`` along ``dim`` (a new contiguous tensor)."""
+    return torch.cat([full.narrow(dim, start, length)
+                      for start, length in etp_blocks(full.shape[dim], parts, rank, size)], dim=dim)
+
+
+def mark_etp_shard(param: torch.Tensor, dim: int, parts: int, rank: int, size: int) -> None:
+    """Tag ``param`` as etp rank ``rank``'s shard (of ``size``) along ``dim`` of ``parts`` fused
+    parts (see :func:`etp_blocks`). The tensor must be an expert shard too."""
+    setattr(param, ETP_SHARD_DIM, dim)
+    setattr(param, ETP_PARTS, parts)
+    setattr(param, ETP_RANK, rank)
+    setattr(param, ETP_SIZE, size)
+
+
+def etp_shard(param: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(dim, parts, rank, size)`` of an etp-sharded parameter, None when it is not split over etp."""
+    if getattr(param, ETP_SIZE, 1) == 1:
+        return None
+    return (getattr(param, ETP_SHARD_DIM), getattr(param, ETP_PARTS), getattr(param, ETP_RANK),
+            getattr(param, ETP_SIZE))
 
 
 def mark_tp_shard(param: torch.Tensor, dim: int) -> None:
@@ -67,7 +112,8 @@ def is_tp_partial_grad(param: torch.Tensor) -> bool:
     return bool(getattr(param, TP_PARTIAL_GRAD, False))
 
 
-_TAGS = (EXPERT, EXPERT_OFFSET, TP_SHARDED, TP_SHARD_DIM, TP_PARTIAL_GRAD)
+_TAGS = (EXPERT, EXPERT_OFFSET, TP_SHARDED, TP_SHARD_DIM, TP_PARTIAL_GRAD, ETP_SHARD_DIM, ETP_PARTS, ETP_RANK,
+         ETP_SIZE)
 
 
 def tags_of(param: torch.Tensor) -> dict[str, object]:

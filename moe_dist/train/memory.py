@@ -33,14 +33,18 @@ residual stream), the tensors autograd keeps for backward:
 * dense SwiGLU MLP: norm input ``4h``; cast input, gate, up, activation, product: ``(h + 4f)*a``;
 * MoE MLP: norm input ``4h``; cast input ``h*a``; router logits and probabilities ``8E``; per
   routed copy the permuted row, gate/up, activation, product and expert output:
-  ``k*(2h + 4f_e)*a``; shared experts like a dense MLP of width ``f_e * shared``;
+  ``k*(2h + 4f_e)*a``; shared experts like a dense MLP of width ``f_e * shared``. With expert
+  tensor parallelism (``etp``) a rank computes the rows of its whole etp group (all-gathered) on
+  its ``f_e/etp`` columns, so per routed copy it keeps ``etp`` input rows, ``4f_e`` of
+  intermediates (``etp`` rows of ``4f_e/etp``) and one (reduce-scattered) output row:
+  ``k*((etp + 1)*h + 4f_e)*a``;
 * output: final norm ``4h``, logits and their gradient ``2V*a``.
 
 ``activation_checkpointing``: ``full`` keeps only each block's input (``4h``) and recomputes one
 block at a time during backward (that block's activations are added once); ``selective``
 recomputes the attention (which then keeps its fp32 normalised input, ``4h``, instead of ``7h*a``)
-and the expert MLPs (which keep their input and output rows, ``k*2h*a``, instead of
-``k*(2h + 4f_e)*a``). With sequence parallelism the per-token activations of a block are divided by
+and the expert MLPs (which keep their input and output rows, ``k*(etp + 1)*h*a``, instead of
+``k*((etp + 1)*h + 4f_e)*a``). With sequence parallelism the per-token activations of a block are divided by
 ``tp``. The estimate is a model of the allocator's peak, not a measurement: docs/performance.md
 compares it with measured peaks.
 """
@@ -153,11 +157,12 @@ def _activation_bytes_per_token(cfg: Config, model: nn.Module, act_bytes: int, c
         attention = 8 * dim if checkpointing == "selective" else 4 * dim + 7 * dim * act_bytes
         mlp = getattr(block, "mlp", None)
         if isinstance(mlp, MoELayer):
-            k = cfg.moe.router.top_k
+            k, etp = cfg.moe.router.top_k, cfg.parallel.etp
             f_e = mlp.expert_ffn_dim
-            routed = k * (2 * dim + 4 * f_e) * act_bytes
+            rows = (etp + 1) * dim  # etp gathered input rows (1 without etp), one output row
+            routed = k * (rows + 4 * f_e) * act_bytes
             if checkpointing == "selective":  # the experts keep their input rows and output rows
-                routed = k * 2 * dim * act_bytes
+                routed = k * rows * act_bytes
             shared = (dim + 4 * f_e * cfg.moe.num_shared_experts) * act_bytes if cfg.moe.num_shared_experts else 0
             mlp_bytes = 4 * dim + dim * act_bytes + 8 * cfg.moe.num_experts + routed + shared
         else:

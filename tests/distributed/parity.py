@@ -38,6 +38,8 @@ class Case:
     sides call the plan's ``after_optimizer_step``, as the trainers do)."""
     fsdp: bool = False
     """Shard with FSDP2; gradients and parameters are gathered (full_tensor) before comparing."""
+    etp: int = 1
+    """Expert tensor parallelism: each expert's FFN split over etp ranks (MoE view edp x ep x etp)."""
     router: str = "softmax_topk"
     """moe.router.type (top_k 2 is the cap of the variable-k routers)."""
 
@@ -51,6 +53,7 @@ class RunRecord:
     expert_range: tuple[int, int] = (0, 0)
     tp_shards: dict[str, int] = field(default_factory=dict)  # param name -> sharded dim (tp > 1)
     tp_rank: int = 0
+    etp_rank: int = 0
     host_syncs: int = 0
     kept: torch.Tensor | None = None  # [moe layers, E] assignments computed, by global expert id
     bias: torch.Tensor | None = None  # [moe layers, E] selection biases after the last step
@@ -145,14 +148,15 @@ def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
 
     from moe_dist.distributed.param_tags import tp_shard_dim
 
-    parallel = ParallelConfig(dp=case.dp, tp=case.tp, ep=case.ep, fsdp=case.fsdp)
+    parallel = ParallelConfig(dp=case.dp, tp=case.tp, ep=case.ep, etp=case.etp, fsdp=case.fsdp)
     mesh = build_mesh(parallel, world_size, "cpu")
     model = build_model(case)
     plan = parallelize(model, mesh, parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     batches = global_batches(case)
     record = RunRecord(expert_range=(mesh.local_experts(case.num_experts).start,
-                                     mesh.local_experts(case.num_experts).stop), tp_rank=mesh.tp_rank)
+                                     mesh.local_experts(case.num_experts).stop), tp_rank=mesh.tp_rank,
+                       etp_rank=mesh.etp_rank)
     record.tp_shards = {n: tp_shard_dim(p) for n, p in model.named_parameters() if tp_shard_dim(p) is not None}
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
@@ -220,7 +224,7 @@ def check_against_reference(case: Case, ranks: list[RunRecord], ref: RunRecord, 
     """Losses of every micro-batch, grad norm, every gradient and the final parameters."""
     from moe_dist.distributed.mesh import MeshLayout
 
-    layout = MeshLayout(world_size=world_size, dp=case.dp, tp=case.tp, ep=case.ep, etp=1)
+    layout = MeshLayout(world_size=world_size, dp=case.dp, tp=case.tp, ep=case.ep, etp=case.etp)
     ranks = [from_numpy(rec) for rec in ranks]
     # Expert-load counters stay indexed by global expert id: their sum over the ranks that route
     # different tokens (dp, and tp: each tp rank routes its own slice) is the reference's count.
@@ -266,9 +270,15 @@ def check_bias(case: Case, ranks: list[RunRecord], ref: RunRecord) -> None:
 
 
 def _shard_of(full: torch.Tensor, name: str, rec: RunRecord, case: Case) -> torch.Tensor:
-    """This rank's piece of a reference tensor: its experts, or its tp shard."""
+    """This rank's piece of a reference tensor: its experts (and their etp block), or its tp shard."""
     if is_expert_name(name):
-        return full[rec.expert_range[0]:rec.expert_range[1]]
+        from moe_dist.distributed.param_tags import take_etp_shard
+
+        experts = full[rec.expert_range[0]:rec.expert_range[1]]
+        if case.etp > 1:  # w13 [E, D, 2F]: gate and up split alone; w2 [E, F, D]
+            dim, parts = (2, 2) if name.endswith("w13") else (1, 1)
+            experts = take_etp_shard(experts, dim, parts, rec.etp_rank, case.etp)
+        return experts
     if name in rec.tp_shards:
         return full.chunk(case.tp, dim=rec.tp_shards[name])[rec.tp_rank]
     return full

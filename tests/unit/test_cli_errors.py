@@ -42,10 +42,10 @@ def run(capsys, *argv: str) -> tuple[int, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# parallel.etp (issue 14 §4): refused by validation, before any process group
+# parallel.etp: a bad value is refused by validation, before any process group
 # --------------------------------------------------------------------------------------------
 
-def test_etp_is_refused_before_any_process_group(tmp_path, monkeypatch, capsys):
+def test_bad_etp_is_refused_before_any_process_group(tmp_path, monkeypatch, capsys):
     import torch.distributed as dist
 
     from moe_dist.distributed import launch_env
@@ -61,11 +61,10 @@ def test_etp_is_refused_before_any_process_group(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29599")
-    code, line = run(capsys, "--run-dir", str(tmp_path / "run"), *TINY, "parallel.etp=2")
+    code, line = run(capsys, "--run-dir", str(tmp_path / "run"), *TINY, "moe.expert_ffn_dim=33", "parallel.etp=2")
     assert code == 2
-    assert line == ("moe-dist: config error: parallel.etp (2) > 1 is not supported yet (expert tensor parallelism "
-                    "is planned: the mesh has the etp dimension, but no code splits an expert over it); "
-                    "use parallel.etp=1")
+    assert line == ("moe-dist: config error: moe.expert_ffn_dim (33) must be divisible by parallel.etp (2): each etp "
+                    "rank holds ffn/etp columns of every expert; use etp in [1] or moe.expert_ffn_dim=34")
     assert not (tmp_path / "run").exists()
 
 

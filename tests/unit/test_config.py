@@ -66,14 +66,30 @@ def test_validate_mesh_sizes():
         validate(cfg, 4)
 
 
-def test_expert_tensor_parallelism_is_refused_by_validate():
-    # Refused for every world size, before the ep x etp divisibility check could give another reason.
-    for world_size in (1, 2, 4):
-        cfg = load_config(None, ["parallel.etp=2"])
-        with pytest.raises(ConfigError, match=r"^parallel.etp \(2\) > 1 is not supported yet \(expert tensor "
-                                              r"parallelism is planned.*\); use parallel.etp=1$"):
-            validate(cfg, world_size)
-    validate(load_config(None, ["parallel.etp=1"]), 2)
+def test_expert_tensor_parallelism_validation():
+    validate(load_config(None, ["parallel.etp=2"]), 2)
+    validate(load_config(None, ["parallel.etp=2", "parallel.ep=2"]), 4)
+    cfg = load_config(None, ["parallel.etp=4", "moe.expert_ffn_dim=30"])
+    with pytest.raises(ConfigError, match=r"^moe.expert_ffn_dim \(30\) must be divisible by parallel.etp \(4\): "
+                                          r".*; use etp in \[2\] or moe.expert_ffn_dim=32$"):
+        validate(cfg, 4)
+    cfg = load_config(None, ["parallel.etp=2", "model.ffn_dim=33", "moe.expert_ffn_dim=0"])
+    with pytest.raises(ConfigError, match=r"^model.ffn_dim \(33, the experts' FFN as moe.expert_ffn_dim=0\) must "
+                                          r"be divisible by parallel.etp \(2\).*; use etp in \[1\] or "
+                                          r"moe.expert_ffn_dim=34$"):
+        validate(cfg, 4)
+    cfg = load_config(None, ["parallel.etp=3"])
+    with pytest.raises(ConfigError, match=r"parallel.ep \(1\) x parallel.etp \(3\) = 3 must divide the world size "
+                                          r"\(4\); use etp in \[1, 2, 4\]"):
+        validate(cfg, 4)
+    refusals = {("parallel.fsdp=true",): r"parallel.fsdp=true with parallel.etp \(2\) > 1 is not supported",
+                ("train.engine=deepspeed", "zero.stage=1"):
+                    r"train.engine=deepspeed with parallel.etp \(2\) > 1 is not supported: .*use train.engine=native",
+                ("model.arch=peer",): r"parallel.etp \(2\) > 1 with model.arch=peer: only the plain transformer",
+                ("moe.num_experts=0",): r"parallel.etp \(2\) > 1 needs an MoE model"}
+    for overrides, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            validate(load_config(None, ["parallel.etp=2", *overrides]), 4)
 
 
 def test_accumulation_keeps_the_global_batch():

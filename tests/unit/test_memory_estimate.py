@@ -74,6 +74,18 @@ def test_activations_follow_the_token_count_and_the_checkpointing_mode():
     assert _estimate("train.micro_batch_size=4").activations == 2 * _estimate().activations
 
 
+def test_expert_tensor_parallelism_splits_expert_weights_and_gathers_rows():
+    est = _estimate("parallel.ep=2", "parallel.etp=2", world_size=4)
+    assert est.rank_params == TOTAL - EXPERTS + EXPERTS // 4  # experts over ep x etp
+    # Per routed copy (k = 2): etp = 2 gathered input rows, one output row, 4 * FE of intermediates
+    # split over etp but computed for etp rows; the other terms do not change.
+    base = _estimate("parallel.ep=2", world_size=4)
+    assert est.activations - base.activations == 2 * 8 * 2 * D * 4  # tokens x k x one more row x fp32
+    selective = [_estimate(*p, world_size=4, checkpointing="selective").activations
+                 for p in (("parallel.ep=2", "parallel.etp=2"), ("parallel.ep=2",))]
+    assert selective[0] - selective[1] == 2 * 8 * 2 * D * 4
+
+
 def test_the_estimate_says_when_it_does_not_fit():
     est = estimate_memory(load_config(None, SMALL), 1, device_memory=1024.0)
     assert est.fits is False and "device" in est.describe()
