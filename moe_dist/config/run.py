@@ -17,8 +17,11 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel degree: experts are sharded over groups of `ep` ranks. 1 disables it."""
     etp: int = 1
-    """Expert tensor parallelism (each expert split over `etp` ranks). Not supported yet: any
-    value but 1 is refused before the run starts, until expert tensor parallelism lands."""
+    """Expert tensor parallelism: every expert's FFN dim is split over `etp` ranks (the innermost
+    dim of the MoE view edp x ep x etp; the rows of the etp group are all-gathered before the
+    experts and the outputs reduce-scattered after). The expert FFN must be divisible by etp, and
+    ep x etp must divide the world size. Native engine only, without fsdp, model.arch=transformer.
+    1 disables it."""
     sequence_parallel: bool = True
     """With tp > 1, each TP rank routes its own slice of the sequence."""
     fsdp: bool = False
