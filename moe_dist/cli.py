@@ -86,9 +86,23 @@ def _train(args: argparse.Namespace) -> int:
                         dry_run=args.dry_run, device_memory_gib=args.device_memory_gib)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version (and git commit), computed only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from moe_dist.train.provenance import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-dist", description="Distributed expert-parallel training of Mixture-of-Experts transformers.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version (and git commit) and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(subparsers)
     for register in _extra_commands():

@@ -3,15 +3,19 @@
     moe-dist report runs/sweeps/experts [--out DIR] [--family moe.num_experts]
 
 Each argument is a run directory (holding ``config.yaml`` and ``metrics.jsonl``) or a directory
-of run directories (a sweep's output). Written to ``--out`` (default ``<first argument>/report``
-for a sweep directory, else ``report/`` beside the first run):
+of run directories (a sweep's output). Written to ``--out``; by default ``<argument>/report``
+for one argument (a sweep directory or a single run, so two runs of one parent never share a
+report), ``report-<name>+<name>...`` beside the first run for several:
 
-* ``runs.csv`` (and ``runs.md``, the same as a Markdown table with the fits), one row per run: the config keys that differ between the runs, total and active
-  parameters, training FLOPs, final loss and validation loss, tokens/s, mean imbalance and drop
-  rate (definitions in :class:`RunSummary`);
+* ``runs.csv`` (and ``runs.md``, the same as a Markdown table with the fits), one row per run:
+  the config keys that differ between the runs (headed by their last two dotted parts, e.g.
+  ``train.steps``, ``router.top_k``), total and active parameters, training FLOPs, final loss
+  and validation loss, tokens/s, mean imbalance and drop rate (mean over MoE layers and logged
+  steps);
 * ``fits.csv`` and stdout: ``val_loss = a * C^b`` per family, fitted by least squares on
   ``log val_loss = log a + b log C`` over the validation points after warm-up, where C is the
-  training FLOPs spent up to that step;
+  training FLOPs spent up to that step; a family without two such points at different C says
+  why instead (no validation, all of it in warm-up, one point);
 * ``loss_vs_flops.png``, ``loss_vs_params.png``, ``throughput.png`` and ``balance.png``.
 
 Parameters are counted on a model built on the meta device (no memory, no init). *Active*
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import logging
 import math
 import re
@@ -38,10 +43,12 @@ from typing import Any
 import yaml
 
 from moe_dist.config import Config, ConfigError, config_from_dict
+from moe_dist.help_text import plain_text
 from moe_dist.train.run_dir import flatten_config
 
 logger = logging.getLogger(__name__)
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
 _LAYER_METRIC = re.compile(r"^moe/layer_(\d+)/(imbalance|drop_rate|realized_k)$")
 FIXED_K_ROUTERS = ("softmax_topk", "sigmoid_topk")
 TABLE_METRICS = ("total_params", "active_params", "active_k", "train_flops", "final_step", "final_loss",
@@ -300,11 +307,29 @@ def fit_families(runs: list[RunSummary], family_keys: list[str]) -> dict[str, Po
             (run.flops_at(step), loss) for step, loss in run.val_curve if step > run.warmup_steps)
     fits: dict[str, PowerLaw | str] = {}
     for family, values in points.items():
-        try:
-            fits[family] = fit_power_law([c for c, _ in values], [v for _, v in values])
-        except ValueError as exc:
-            fits[family] = str(exc)
+        if len({c for c, _ in values}) < 2:
+            fits[family] = why_no_fit([run for run in runs if family_of(run, family_keys) == family])
+            continue
+        fits[family] = fit_power_law([c for c, _ in values], [v for _, v in values])
     return fits
+
+
+def why_no_fit(runs: list[RunSummary]) -> str:
+    """Why the runs of one family give fewer than two fit points (validations after warm-up at
+    different compute), and what to change."""
+    if all(run.flops_per_token is None for run in runs):
+        return "training FLOPs are unknown (the model could not be built on the meta device)"
+    steps = sorted({step for run in runs if run.flops_per_token is not None for step, _ in run.val_curve})
+    warmup = max(run.warmup_steps for run in runs)
+    after = [step for step in steps if step > warmup]
+    if not steps:
+        return ("no validation loss was logged (train.eval_every=0?); a power law needs validations at two or more "
+                "steps after warm-up: set train.eval_every")
+    if not after:
+        return (f"every validation (step {', '.join(map(str, steps))}) falls within the warm-up "
+                f"(train.warmup_steps={warmup}), which the fit leaves out; train longer or lower train.eval_every")
+    return (f"only one validation after warm-up (step {after[0]}; train.warmup_steps={warmup}); a power law needs "
+            "two or more at different compute: lower train.eval_every or train longer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +339,7 @@ def fit_families(runs: list[RunSummary], family_keys: list[str]) -> dict[str, Po
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="CSV table, plots and power-law fits of training runs",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or sweep directories")
     parser.add_argument("--out", default=None, help="output directory (default: <sweep dir>/report)")
     parser.add_argument("--family", default="", metavar="KEY[,KEY]",
@@ -325,8 +350,14 @@ def register(subparsers) -> None:
 
 
 def default_out(paths: list[str]) -> Path:
-    first = Path(paths[0])
-    return first / "report" if not (first / "metrics.jsonl").is_file() else first.parent / "report"
+    """``<argument>/report`` for one argument (a sweep or a single run: two single-run reports
+    never share a directory), ``report-<a>+<b>...`` beside the first for several."""
+    if len(paths) == 1:
+        return Path(paths[0]) / "report"
+    names = "+".join(_UNSAFE.sub("_", Path(path).resolve().name) for path in paths)
+    if len(names) > 80:
+        names = f"{names[:71]}-{hashlib.sha1(names.encode()).hexdigest()[:8]}"
+    return Path(paths[0]).parent / f"report-{names}"
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -362,11 +393,12 @@ def _cell(value: Any) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """Table columns (no path) and their headers (shortest unambiguous dotted suffix)."""
+    """Table columns (no path) and their headers: the shortest unambiguous dotted suffix of at
+    least two parts, so a key keeps its section (``train.steps``, ``log.every``, not ``every``)."""
     from moe_dist.sweep import short_keys
 
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "path"]
-    short = short_keys(columns)
+    short = short_keys(columns, min_parts=2)
     return columns, [short[c] for c in columns]
 
 
@@ -421,6 +453,8 @@ def write_plots(runs: list[RunSummary], fits: dict[str, PowerLaw | str], family_
             ax.plot(xs, [fit(x) for x in xs], "--", lw=0.8, color="black" if family_keys else colour[run.name])
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss",
            title=f"{prefix}validation loss vs compute (dashed: power-law fit)")
+    plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.yaxis)
     ax.legend(fontsize=7)
     paths.append(_save(fig, out / "loss_vs_flops.png"))
 
@@ -434,6 +468,7 @@ def write_plots(runs: list[RunSummary], fits: dict[str, PowerLaw | str], family_
         known = [v for v in values if v]
         if known and max(known) > 4 * min(known):
             ax.set_xscale("log")
+            plain_log_ticks(ax.xaxis)
         else:
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.set(xlabel=label)
@@ -450,6 +485,35 @@ def write_plots(runs: list[RunSummary], fits: dict[str, PowerLaw | str], family_
                                    ("mean_drop_rate", "mean drop rate")],
                        f"{prefix}expert load (mean over MoE layers and logged steps)", out / "balance.png"))
     return paths
+
+
+def format_log_tick(value: float) -> str:
+    """A log-axis tick label: ``3.1``, ``0.05``, ``2000`` as plain numbers between 0.01 and
+    10^4, ``10^12`` or ``3×10^12`` (mathtext) beyond: never ``3.1 × 10^0``."""
+    if not value > 0 or not math.isfinite(value):
+        return ""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    if -2 <= exponent <= 3:
+        return f"{value:.4g}"
+    mantissa = value / 10 ** exponent
+    if abs(mantissa - round(mantissa)) < 1e-6 * mantissa:
+        mantissa = round(mantissa)
+    if mantissa == 1:
+        return f"$\\mathdefault{{10^{{{exponent}}}}}$"
+    return f"$\\mathdefault{{{mantissa:.2g}\\times10^{{{exponent}}}}}$"
+
+
+def plain_log_ticks(axis) -> None:
+    """Label the ticks of a log-scaled matplotlib ``axis`` with :func:`format_log_tick`, on the
+    ticks matplotlib itself would label (it labels minor ticks when the range spans little)."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return format_log_tick(x) if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
 def _bars(plt, runs: list[RunSummary], metrics: list[tuple[str, str]], title: str, path: Path) -> Path:

@@ -12,6 +12,13 @@ A sweep file (YAML)::
       moe.router.type: [softmax_topk, sigmoid_topk]
     world_size: 1                   # processes per run (local: torchrun when > 1); used to validate
 
+Dotted overrides on the command line are applied to every run, above the file's ``overrides``
+(a key the file sweeps cannot be overridden), e.g. a shipped sweep shrunk to 10 steps::
+
+    moe-dist sweep --config configs/sweeps/experts.yaml --out runs/sweeps/experts-short train.steps=10
+
+They do not change the run names, so give such a variant its own ``--out``.
+
 With both ``runs`` and ``grid`` every run entry is combined with every grid point. Each run
 trains into ``<out>/<run name>``, where the name is built from the run's own overrides
 (``num_experts=8,top_k=2``): stable across invocations, so a second ``moe-dist sweep`` finds the
@@ -44,7 +51,8 @@ from typing import Any
 
 import yaml
 
-from moe_dist.config import Config, ConfigError, load_config, validate
+from moe_dist.config import Config, ConfigError, load_config, parse_override, validate
+from moe_dist.help_text import plain_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_SBATCH = REPO_ROOT / "slurm" / "sweep-array.sbatch"
@@ -111,12 +119,13 @@ def flatten_overrides(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]
     return flat
 
 
-def short_keys(keys: list[str]) -> dict[str, str]:
-    """The shortest dotted suffix of each key that no other key ends with."""
+def short_keys(keys: list[str], min_parts: int = 1) -> dict[str, str]:
+    """The shortest dotted suffix of each key (``min_parts`` parts or more) that no other key
+    ends with."""
     result = {}
     for key in keys:
         parts = key.split(".")
-        for length in range(1, len(parts) + 1):
+        for length in range(min(min_parts, len(parts)), len(parts) + 1):
             suffix = ".".join(parts[-length:])
             if not any(other != key and (other == suffix or other.endswith("." + suffix)) for other in keys):
                 break
@@ -207,6 +216,19 @@ def load_sweep(path: str | Path) -> Sweep:
                  runs=expand_runs(spec.get("runs"), spec.get("grid")), world_size=world_size,
                  slurm_args=slurm_args)
 
+
+
+def apply_overrides(sweep: Sweep, items: list[str]) -> None:
+    """Add command-line ``key=value`` overrides to every run of ``sweep`` (above the file's
+    ``overrides``); a ConfigError for a key that the file sweeps."""
+    for item in items:
+        key, value = parse_override(item)
+        swept = [run.name for run in sweep.runs if key in run.overrides]
+        if swept:
+            raise ConfigError(f"override {item!r}: {key} is swept by the sweep file (runs {', '.join(swept[:3])}"
+                              f"{', ...' if len(swept) > 3 else ''}); edit the sweep file's runs/grid instead")
+        sweep.common.pop(key, None)
+        sweep.common[key] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +404,7 @@ def submit_slurm(sweep: Sweep, out: Path, configs: dict[str, Config], extra_args
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep", help="run a grid or list of training runs (locally or as a Slurm job array)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep file, e.g. configs/sweeps/experts.yaml")
     parser.add_argument("--out", default=None, help="directory of the run directories (default runs/sweeps/<name>)")
     parser.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead of running locally")
@@ -390,14 +412,18 @@ def register(subparsers) -> None:
                         help="extra sbatch flag (repeatable), e.g. --sbatch-arg=--gpus-per-node=0")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print each run's status and command, and start nothing")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides applied to every run, e.g. train.steps=10")
     parser.set_defaults(handler=_sweep)
 
 
 def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config)
+    apply_overrides(sweep, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
     configs = check_runs(sweep, out, for_slurm=args.slurm)
-    print(f"[sweep {sweep.name}] {len(sweep.runs)} run(s) from {sweep.base} into {out}", flush=True)
+    every = f"; every run: {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"[sweep {sweep.name}] {len(sweep.runs)} run(s) from {sweep.base} into {out}{every}", flush=True)
     if args.slurm:
         return submit_slurm(sweep, out, configs, args.sbatch_arg, dry_run=args.dry_run)
     return run_local(sweep, out, configs, dry_run=args.dry_run)

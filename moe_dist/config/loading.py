@@ -1,4 +1,15 @@
-"""Loading: defaults < YAML file < dotted command-line overrides, strictly typed."""
+"""Loading: defaults < YAML file (after the files it inherits) < dotted command-line overrides,
+strictly typed.
+
+A config file may start from another one with a top-level ``base:`` key, a path relative to the
+file (or absolute); the file's own keys are merged into the base's, section by section, a value
+(lists included) replacing the base's. Bases may have bases::
+
+    # configs/peer.yaml
+    base: tiny.yaml
+    model:
+      arch: peer
+"""
 
 from __future__ import annotations
 
@@ -20,17 +31,47 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML file < ``section.key=value`` overrides, type-checked and validated."""
-    raw: dict[str, Any] = {}
-    if path is None:
-        path = DEFAULT_CONFIG
-    loaded = _read_yaml(Path(path))
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
-    raw = loaded or {}
+    raw = read_config_tree(Path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     return from_dict(Config, raw)
+
+
+def read_config_tree(path: Path, inheriting: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The nested dict of config file ``path`` merged onto its ``base:`` chain (module docstring)."""
+    loaded = _read_yaml(path)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+    tree = dict(loaded or {})
+    if "base" not in tree:
+        return tree
+    base = tree.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {str(path)!r}: base = {base!r} must be the path of the config file it "
+                          "starts from, e.g. base: tiny.yaml")
+    base_path = Path(base).expanduser()
+    base_path = base_path if base_path.is_absolute() else path.parent / base_path
+    chain = (*inheriting, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"config file {str(path)!r}: base = {base!r} makes a circle ({cycle}); remove one base")
+    try:
+        parent = read_config_tree(base_path, chain)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the base of config file {str(path)!r})") from exc
+    return merge_config_trees(parent, tree)
+
+
+def merge_config_trees(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` merged into ``base``: sections recursively, any other value replacing the base's."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _read_yaml(path: Path) -> Any:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moe_dist.config import Config, ConfigError
+from moe_dist.help_text import plain_text
 from moe_dist.models.hf_format import export_target, to_hf_state
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _bpe_file(cfg: Config, tokenizer_file: Path | None) -> Path | None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export", help="write a checkpoint as a Hugging Face transformers model (safetensors + config.json)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="RUN_DIR",
                         help="run directory (its newest checkpoint) or checkpoint directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory for the Hugging Face files")

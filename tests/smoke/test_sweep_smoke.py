@@ -26,8 +26,7 @@ STEPS = 20
 
 def _tiny_overrides():
     overrides = dict(item.split("=", 1) for item in TINY)
-    overrides.update({"train.steps": STEPS, "checkpoint.every": 2, "checkpoint.keep_last": 1, "log.every": 2,
-                      "train.eval_every": 10})
+    overrides.update({"train.steps": STEPS, "checkpoint.every": 2, "checkpoint.keep_last": 1, "log.every": 2})
     return {key: yaml.safe_load(str(value)) for key, value in overrides.items()}
 
 
@@ -50,7 +49,9 @@ def test_sweep_skips_finished_resumes_killed_and_reports(tmp_path):
     first, second = out / "num_experts=2", out / "num_experts=4"
 
     # 1. Run the sweep and kill it (with its training child) once run 2 has a checkpoint.
-    proc = subprocess.Popen(_sweep("--config", str(sweep_file), "--out", str(out)), cwd=REPO, env=train_env(),
+    # train.eval_every from the command line: applied to every run of the sweep
+    proc = subprocess.Popen(_sweep("--config", str(sweep_file), "--out", str(out), "train.eval_every=10"),
+                            cwd=REPO, env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not _checkpoint_steps(second) and proc.poll() is None and time.monotonic() < deadline:
@@ -63,7 +64,8 @@ def test_sweep_skips_finished_resumes_killed_and_reports(tmp_path):
 
     # 2. The same command again: run 1 is not started, run 2 resumes and finishes.
     first_log = (out / "logs" / "num_experts=2.log").read_text()
-    result = subprocess.run(_sweep("--config", str(sweep_file), "--out", str(out)), cwd=REPO, env=train_env(),
+    result = subprocess.run(_sweep("--config", str(sweep_file), "--out", str(out), "train.eval_every=10"),
+                            cwd=REPO, env=train_env(),
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "num_experts=2: finished, skipped" in result.stdout
@@ -85,6 +87,7 @@ def test_sweep_skips_finished_resumes_killed_and_reports(tmp_path):
         assert float(row["final_loss"]) == records[-1]["loss"]
         assert float(row["final_val_loss"]) == [r["val_loss"] for r in records if "val_loss" in r][-1]
         assert int(row["final_step"]) == STEPS and row["moe.num_experts"] == run_dir.name.split("=")[1]
+        assert [r["step"] for r in records if "val_loss" in r] == [10, 20]  # train.eval_every=10 reached each run
     assert int(rows[1]["total_params"]) > int(rows[0]["total_params"])
     # top-2 of 2 and of 4 experts: the same experts per token; only the 2 x dim router rows per layer differ
     assert int(rows[1]["active_params"]) - int(rows[0]["active_params"]) == 2 * 2 * 32

@@ -11,8 +11,9 @@ import pytest
 import moe_dist.metrics.sink  # noqa: F401  (torch and the models load at collection, not in a test)
 import moe_dist.models.transformer  # noqa: F401
 from moe_dist.config import ConfigError, load_config
-from moe_dist.report import (RunSummary, count_model, find_run_dirs, fit_families, fit_power_law, format_markdown,
-                             load_run, summarize_metrics, swept_keys, table_rows, write_csv)
+from moe_dist.report import (RunSummary, count_model, default_out, find_run_dirs, fit_families, fit_power_law,
+                             format_log_tick, format_markdown, format_table, load_run, plain_log_ticks,
+                             summarize_metrics, swept_keys, table_rows, write_csv)
 
 # d=32, 2 layers, byte vocabulary (256), 4 experts of width 32, top-2, seq_len 32, 4 sequences per step.
 SMALL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64", "model.max_seq_len=64",
@@ -129,7 +130,8 @@ def test_families_pool_runs_and_skip_warmup_points():
     fits = fit_families([a, b, c], ["moe.router.type"])
     assert fits["type=xmoe"].points == 4  # steps 5 and 10 are warm-up (<= 10)
     assert fits["type=xmoe"].a == pytest.approx(50.0) and fits["type=xmoe"].b == pytest.approx(-0.1)
-    assert "two distinct compute values" in fits["type=top_p"]
+    assert fits["type=top_p"] == ("only one validation after warm-up (step 20; train.warmup_steps=10); a power law "
+                                  "needs two or more at different compute: lower train.eval_every or train longer")
     assert set(fit_families([a, b], [])) == {"a", "b"}  # default: one family per run
     with pytest.raises(ConfigError, match="--family key 'moe.nope'"):
         fit_families([a], ["moe.nope"])
@@ -147,3 +149,55 @@ def test_run_discovery_expands_sweep_directories_in_natural_order(tmp_path):
     with pytest.raises(ConfigError, match="holds no records yet"):
         load_run(make_run(tmp_path / "empty", records=[]))
     assert math.isclose(summarize_metrics({})["final_step"], 0)
+
+
+def test_a_family_without_a_fit_says_why():
+    no_validation = _summary("a", "xmoe", [(40, 3.0)])
+    no_validation.val_curve = []
+    assert fit_families([no_validation], [])["a"].startswith("no validation loss was logged (train.eval_every=0?)")
+    in_warmup = _summary("b", "xmoe", [(5, 4.0), (10, 3.9)])
+    assert fit_families([in_warmup], [])["b"] == (
+        "every validation (step 5, 10) falls within the warm-up (train.warmup_steps=10), which the fit leaves "
+        "out; train longer or lower train.eval_every")
+    unknown = _summary("c", "xmoe", [(20, 3.0), (40, 2.9)], flops_per_token=None)
+    assert "training FLOPs are unknown" in fit_families([unknown], [])["c"]
+    text = format_markdown([], {"b": fit_families([in_warmup], [])["b"]})
+    assert "- b: no fit (every validation (step 5, 10) falls within the warm-up" in text
+
+
+def test_single_run_reports_of_one_parent_do_not_share_a_directory(tmp_path):
+    first, second = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    assert default_out([str(first)]) == first / "report"
+    assert default_out([str(second)]) == second / "report"
+    assert default_out([str(tmp_path / "sweep")]) == tmp_path / "sweep" / "report"
+    assert default_out([str(first), str(second)]) == tmp_path / "runs" / "report-a+b"
+
+
+def test_column_headers_keep_their_section(tmp_path):
+    rows = [{"run": "x", "log.every": 5, "train.steps": 10, "moe.router.top_k": 2, "model.peer.top_k": 8,
+             "final_loss": 3.0, "path": "p"}]
+    header = format_table(rows).splitlines()[0].split()
+    assert header == ["run", "log.every", "train.steps", "router.top_k", "peer.top_k", "final_loss"]
+    assert "| run | log.every | train.steps | router.top_k | peer.top_k | final_loss |" in format_markdown(rows, {})
+
+
+def test_log_axis_ticks_read_as_plain_numbers():
+    assert [format_log_tick(v) for v in (3.1, 3.0, 0.05, 2000.0)] == ["3.1", "3", "0.05", "2000"]
+    assert format_log_tick(1e12) == "$\\mathdefault{10^{12}}$"
+    assert format_log_tick(3e12) == "$\\mathdefault{3\\times10^{12}}$"
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1e12, 3e12], [3.6, 2.9])  # a loss range within one decade: matplotlib labels minor ticks
+    ax.set(xscale="log", yscale="log")
+    plain_log_ticks(ax.yaxis)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels()
+              if t.get_text() and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]]
+    plt.close(fig)
+    assert labels and all("10^" not in label and "times" not in label for label in labels), labels
+    assert "3" in labels

@@ -199,3 +199,20 @@ def test_slurm_rejects_values_with_spaces(tmp_path):
     sweep = _sweep(expand_runs([{"data.source": "my corpus.txt"}], None))
     with pytest.raises(ConfigError, match="run 'source=my_corpus.txt': override .* holds whitespace"):
         check_runs(sweep, tmp_path, for_slurm=True)
+
+
+def test_command_line_overrides_reach_every_run_but_not_swept_keys(tmp_path, capsys):
+    from moe_dist.cli import main
+
+    path = write_sweep(tmp_path, f"base: {sweep_mod.DEFAULT_BASE}\noverrides: {{train.steps: 60, log.every: 5}}\n"
+                                 "grid: {moe.num_experts: [2, 4]}\n")
+    code = main(["sweep", "--config", str(path), "--out", str(tmp_path / "out"), "--dry-run", "train.steps=10",
+                 "model.dim=64"])
+    assert code == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if " moe_dist.cli train " in line]
+    assert len(commands) == 2
+    for command, experts in zip(commands, (2, 4)):  # the command line wins over the file's overrides
+        assert command.endswith(f"log.every=5 train.steps=10 model.dim=64 moe.num_experts={experts}")
+    with pytest.raises(ConfigError, match=r"override 'moe.num_experts=8': moe.num_experts is swept by the sweep "
+                                          r"file \(runs num_experts=2, num_experts=4\)"):
+        sweep_mod.apply_overrides(load_sweep(path), ["moe.num_experts=8"])
