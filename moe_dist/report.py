@@ -150,7 +150,16 @@ def summarize_metrics(records: dict[int, dict[str, float | None]]) -> dict[str, 
 
 
 def _tokenizer_vocab(cfg: Config) -> int:
-    return 256 if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size
+    """The vocabulary of the run's ``data.tokenizer`` (a Hugging Face one is loaded); 0, after a
+    warning, when it cannot be found any more."""
+    from moe_dist.data import DataError
+    from moe_dist.data.tokenizer import nominal_vocab_size
+
+    try:
+        return nominal_vocab_size(cfg.data, cfg.model.vocab_size)
+    except DataError as exc:
+        logger.warning("cannot count the vocabulary: %s", exc)
+        return 0
 
 
 def experts_per_token(cfg: Config, measured_k: float | None) -> float:

@@ -45,11 +45,17 @@ class ParallelConfig:
 class DataConfig:
     source: str = "default"
     """'default' (the bundled Shakespeare corpus), a local path (.txt, .jsonl, .json, .parquet,
-    a directory of them, or a dataset saved with save_to_disk), or 'hf:<hub name>'."""
+    a directory of them, or a dataset saved with save_to_disk), 'hf:<hub name>', or
+    'megatron:PATH_PREFIX' (Megatron's pretokenized PATH_PREFIX.bin/.idx, read with
+    megatron-core's IndexedDataset; its ids are not tokenized again)."""
     text_field: str = "text"
     """Column holding the text in JSONL/Parquet/hub datasets."""
-    tokenizer: Literal["byte", "bpe"] = "byte"
-    """'byte' maps UTF-8 bytes to ids 0..255; 'bpe' trains a byte-level BPE locally."""
+    tokenizer: str = "byte"
+    """'byte' maps UTF-8 bytes to ids 0..255; 'bpe' trains a byte-level BPE locally; any other
+    value is a Hugging Face tokenizer: a local directory (AutoTokenizer), a tokenizer.json file
+    (the tokenizers library) or a hub name such as 'gpt2' found in the Hugging Face cache.
+    'none' only with data.source 'megatron:...': the ids are used as they are and the
+    vocabulary is model.vocab_size."""
     bpe_vocab_size: int = 4096
     """Vocabulary of the locally trained BPE."""
     seq_len: int = 128
@@ -65,6 +71,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require(self.seq_len > 0, f"data.seq_len ({self.seq_len}) must be positive")
+        require(self.tokenizer.strip() != "", "data.tokenizer is empty; use 'byte', 'bpe', 'none' or "
+                                              "a Hugging Face tokenizer (directory, tokenizer.json or hub name)")
         require(0 < self.val_fraction < 1, f"data.val_fraction ({self.val_fraction}) must be in (0, 1)")
         require(self.bpe_vocab_size >= 260,
                  f"data.bpe_vocab_size ({self.bpe_vocab_size}) must be >= 260 (bytes plus merges)")

@@ -2,7 +2,10 @@
 
 The trainer uses exactly this API (see docs/data.md):
 
-* ``build_datasets(cfg.data) -> DataBundle`` with ``tokenizer``, ``vocab_size``, ``train``, ``val``;
+* ``check_data(cfg.data, model_vocab_size)``: the checks that need no data (every rank, before
+  any process group);
+* ``build_datasets(cfg.data, model_vocab_size) -> DataBundle`` with ``tokenizer``, ``vocab_size``,
+  ``train``, ``val``;
   ``bundle.train.get(indices)`` returns LongTensor[B, seq_len + 1];
 * ``GlobalBatchSampler(len(bundle.train), global_batch_size, seed)`` with ``indices(step)`` and
   ``micro_batch_indices(step, dp_rank, dp_size, micro_step, micro_batch_size)``;
@@ -10,7 +13,8 @@ The trainer uses exactly this API (see docs/data.md):
 """
 
 from moe_dist.data.errors import DataError
-from moe_dist.data.pipeline import DataBundle, PackedSequences, build_datasets
+from moe_dist.data.hf_tokenizer import HFTokenizer
+from moe_dist.data.pipeline import DataBundle, PackedSequences, build_datasets, check_data
 from moe_dist.data.sampler import GlobalBatchSampler, val_batches
 from moe_dist.data.tokenizer import BPETokenizer, ByteTokenizer, TextTokenizer
 
@@ -20,8 +24,10 @@ __all__ = [
     "DataBundle",
     "DataError",
     "GlobalBatchSampler",
+    "HFTokenizer",
     "PackedSequences",
     "TextTokenizer",
     "build_datasets",
+    "check_data",
     "val_batches",
 ]

@@ -10,6 +10,8 @@ Accepted values of ``data.source``:
   one document). A directory is searched recursively; mixed kinds are concatenated.
 * a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
 * ``'hf:<name>'`` -- a dataset on the Hugging Face hub (or already in the local HF cache).
+* ``'megatron:PATH_PREFIX'`` -- Megatron's pretokenized ``PATH_PREFIX.bin/.idx`` (megatron.py): token
+  ids, never loaded as text; the pipeline maps them directly.
 
 Resolution happens in two steps so that a warm start never loads the data: :func:`resolve_source`
 only inspects paths and returns a :class:`SourceSpec` whose ``identity`` (file path, size, mtime)
@@ -31,6 +33,7 @@ from typing import Any
 from moe_dist.config import DataConfig
 from moe_dist.data.cache import file_identity
 from moe_dist.data.errors import DataError
+from moe_dist.data.megatron import MEGATRON_PREFIX, megatron_paths
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ BUILDERS: dict[str, str] = {".txt": "text", ".md": "text", ".jsonl": "json", ".j
                             ".parquet": "parquet"}
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")
 _SOURCE_HELP = ("use 'default', a .txt/.md/.jsonl/.json/.parquet file, a directory of them, a "
-                "directory written by save_to_disk, or 'hf:<hub name>'")
+                "directory written by save_to_disk, 'hf:<hub name>' or 'megatron:PATH_PREFIX'")
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,14 @@ class SourceSpec:
     """A resolved ``data.source``: what to load and how to recognise it in the cache."""
 
     kind: str
-    """'files' (text/json/parquet files), 'saved' (save_to_disk directory) or 'hub'."""
+    """'files' (text/json/parquet files), 'saved' (save_to_disk directory), 'hub' or 'megatron'
+    (pretokenized .bin/.idx)."""
     value: str
     """The ``data.source`` string as given."""
     files: tuple[Path, ...] = ()
     """Files to load (kind 'files'), sorted by path."""
     path: Path | None = None
-    """The save_to_disk directory (kind 'saved')."""
+    """The save_to_disk directory (kind 'saved'); the .bin/.idx path prefix (kind 'megatron')."""
     hub_name: str = ""
     """Dataset name on the hub (kind 'hub')."""
     identity: Any = field(default=None, compare=False)
@@ -91,6 +95,10 @@ def resolve_source(cfg: DataConfig) -> SourceSpec:
             raise DataError(f"data.source = {value!r} names no dataset; write 'hf:<name>', "
                             "e.g. hf:roneneldan/TinyStories")
         return SourceSpec(kind="hub", value=value, hub_name=name)
+    if value.startswith(MEGATRON_PREFIX):
+        bin_path, idx_path = megatron_paths(value)
+        return SourceSpec(kind="megatron", value=value, files=(bin_path, idx_path),
+                          path=bin_path.with_suffix(""), identity=file_identity([bin_path, idx_path]))
     path = Path(value).expanduser()
     if not path.exists():
         raise DataError(f"data.source = {value!r}: no such file or directory "
@@ -127,6 +135,7 @@ def load_documents(spec: SourceSpec, cfg: DataConfig, hf_cache_dir: Path) -> Any
     """
     import datasets
 
+    assert spec.kind != "megatron", "pretokenized data is mapped by the pipeline, not loaded as text"
     if spec.kind == "files":
         parts = []
         for builder in sorted({BUILDERS[p.suffix.lower()] for p in spec.files}):

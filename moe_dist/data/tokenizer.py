@@ -1,13 +1,15 @@
-"""Tokenisers: UTF-8 bytes, or a byte-level BPE trained locally with ``tokenizers``.
+"""Tokenisers: UTF-8 bytes, a byte-level BPE trained locally with ``tokenizers``, or any Hugging
+Face tokenizer (``hf_tokenizer.py``); 'none' for pretokenized Megatron data.
 
-Both share one small interface (:class:`TextTokenizer`): ``encode(str) -> list[int]``,
+All share one small interface (:class:`TextTokenizer`): ``encode(str) -> list[int]``,
 ``decode(ids) -> str``, ``vocab_size``, plus ``eod_id`` (the end-of-document separator),
 ``encode_batch`` for ``Dataset.map`` and ``fingerprint`` (keys the packed-data cache).
 
 End of document: token id 0 in both tokenisers. For 'byte' it is the NUL byte (id = byte value, so
 the vocabulary stays exactly 256 and decoding stays exact; NUL does not occur in ordinary text);
 for 'bpe' it is the special token ``<|endoftext|>``, which the trainer puts first (id 0). The text
-``<|endoftext|>`` inside a document is therefore read as a document boundary by the BPE.
+``<|endoftext|>`` inside a document is therefore read as a document boundary by the BPE. A
+Hugging Face tokenizer separates documents with its own EOS token.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import numpy as np
 
 from moe_dist.config import DataConfig
 from moe_dist.data.cache import fingerprint, publish_file
+from moe_dist.data.errors import DataError
+from moe_dist.data.hf_tokenizer import HFTokenizer
 
 logger = logging.getLogger(__name__)
 
 EOD_ID = 0
 BPE_EOD_TOKEN = "<|endoftext|>"
+BUILTIN_TOKENIZERS = ("byte", "bpe", "none")
+"""Values of data.tokenizer that name no Hugging Face tokenizer."""
 _BPE_FORMAT = 1  # bump when the BPE recipe below changes
 
 
@@ -104,13 +110,61 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int) -> str:
     return tok.to_str()
 
 
+class IdsOnly:
+    """``data.tokenizer: none``: pretokenized ids used as they are; the vocabulary is
+    model.vocab_size. Nothing to encode with; ``decode`` writes the ids as numbers."""
+
+    name = "none"
+    eod_id = None
+    fingerprint = "none"
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        raise DataError("data.tokenizer = 'none' cannot encode text; name the tokenizer that wrote the "
+                        "data in data.tokenizer")
+
+    encode_batch = encode  # type: ignore[assignment]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def nominal_vocab_size(cfg: DataConfig, model_vocab_size: int = 0) -> int:
+    """The vocabulary ``data.tokenizer`` gives, without reading any data (for estimates): 256,
+    data.bpe_vocab_size (an upper bound: a BPE can come out smaller), the Hugging Face
+    tokenizer's, or model_vocab_size for 'none'."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    if cfg.tokenizer == "bpe":
+        return cfg.bpe_vocab_size
+    if cfg.tokenizer == "none":
+        if model_vocab_size <= 0:
+            raise DataError(NONE_NEEDS_VOCAB)
+        return model_vocab_size
+    return HFTokenizer(cfg.tokenizer).vocab_size
+
+
+NONE_NEEDS_VOCAB = ("data.tokenizer = 'none' takes the vocabulary from model.vocab_size, which is 0; set "
+                    "model.vocab_size to the vocabulary the ids come from (at least the largest id + 1), "
+                    "or set data.tokenizer to the tokenizer that wrote the data")
+
+
 def build_tokenizer(cfg: DataConfig, source_identity: Any, documents: Callable[[], Any],
-                    cache_root: Path) -> TextTokenizer:
+                    cache_root: Path, model_vocab_size: int = 0) -> TextTokenizer:
     """The tokenizer ``data.tokenizer`` asks for. A BPE is trained on `documents()` (a Dataset
     with a 'text' column, loaded only on a cache miss) and cached under
-    ``<cache_root>/tokenizers/`` by source identity and settings, so later runs reuse it."""
+    ``<cache_root>/tokenizers/`` by source identity and settings, so later runs reuse it.
+    'none' (pretokenized data only) takes its vocabulary from `model_vocab_size`."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.tokenizer == "none":
+        if model_vocab_size <= 0:
+            raise DataError(NONE_NEEDS_VOCAB)
+        return IdsOnly(model_vocab_size)
+    if cfg.tokenizer != "bpe":
+        return HFTokenizer(cfg.tokenizer)
     import tokenizers
 
     key = fingerprint({"format": _BPE_FORMAT, "source": source_identity,

@@ -6,8 +6,9 @@
 Reads a checkpoint of either engine at any parallel layout, in this one process
 (``train/checkpoint_reader.py``), maps it (``models/hf_format.py``) and writes into OUT_DIR:
 ``model.safetensors`` (or shards of at most ``--max-shard-gib`` with
-``model.safetensors.index.json``), ``config.json``, ``generation_config.json``, the tokenizer
-(``tokenizer.json``, ``tokenizer_config.json``) and ``moe_dist_export.json`` (where it came from).
+``model.safetensors.index.json``), ``config.json``, ``generation_config.json``, the run's tokenizer
+(``tokenizer.json``, ``tokenizer_config.json``; none for ``data.tokenizer: none``) and
+``moe_dist_export.json`` (where it came from).
 Then ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads it: LlamaForCausalLM for a dense
 model, MixtralForCausalLM for a plain MoE, Qwen2MoeForCausalLM with shared experts, dense blocks
 between MoE blocks, or combine weights that are not renormalised. docs/interop.md has the
@@ -56,14 +57,18 @@ def export_checkpoint(source: Path, out_dir: Path, dtype: str | None = None, tok
     stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype_name = str(next(iter(stored))).removeprefix("torch.") if len(stored) == 1 else "float32"
     bpe_file = _bpe_file(cfg, tokenizer_file)
+    if cfg.data.tokenizer not in ("byte", "bpe", "none"):  # a Hugging Face tokenizer: found before writing
+        from moe_dist.data.hf_tokenizer import locate_hf_tokenizer
+
+        locate_hf_tokenizer(cfg.data.tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(tensors, out_dir, max_shard_bytes)
     config = {**target.config, "dtype": dtype_name}
     _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", {"eos_token_id": 0, "pad_token_id": 0})
     from moe_dist.interop.tokenizer_files import write_tokenizer
 
-    write_tokenizer(out_dir, cfg.data.tokenizer, cfg.model.max_seq_len, bpe_file)
+    eos = write_tokenizer(out_dir, cfg.data.tokenizer, cfg.model.max_seq_len, bpe_file)
+    _write_json(out_dir / "generation_config.json", {"eos_token_id": eos, "pad_token_id": eos})
     _write_json(out_dir / "moe_dist_export.json", {
         "checkpoint": str(directory.resolve()), "architecture": target.architecture,
         "tokenizer": cfg.data.tokenizer, "dtype": dtype_name, "model": cfg.to_dict()["model"],

@@ -8,14 +8,21 @@ moe_dist did.
   (the NUL byte), as in ``moe_dist.data.tokenizer``.
 * ``bpe``: the run's own ``tokenizer.json`` (trained by moe_dist with the ``tokenizers``
   library), copied; ``<|endoftext|>`` (id 0) is the end of document.
+* a Hugging Face tokenizer (``data.tokenizer`` = directory, tokenizer.json or hub name): saved
+  as it is (``save_pretrained``, or its tokenizer.json); its EOS is the end of document.
+* ``none`` (pretokenized ids): no tokenizer files; the user adds the one that wrote the data.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from moe_dist.data.tokenizer import BPE_EOD_TOKEN
+from moe_dist.data.hf_tokenizer import HFTokenizer
+from moe_dist.data.tokenizer import BPE_EOD_TOKEN, EOD_ID
+
+logger = logging.getLogger(__name__)
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -41,9 +48,17 @@ def byte_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def write_tokenizer(out_dir: Path, kind: str, max_seq_len: int, bpe_file: Path | None = None) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` for tokenizer ``kind`` ('byte' or
-    'bpe'; a BPE needs its ``bpe_file``)."""
+def write_tokenizer(out_dir: Path, kind: str, max_seq_len: int, bpe_file: Path | None = None) -> int | None:
+    """Write the tokenizer files for ``data.tokenizer`` = ``kind`` (a BPE needs its ``bpe_file``);
+    returns the end-of-document id (None: no tokenizer, or one without an EOS)."""
+    if kind == "none":
+        logger.warning("data.tokenizer=none: the run trained on pretokenized ids, so no tokenizer files are "
+                       "written; save the tokenizer that wrote the data into %s", out_dir)
+        return None
+    if kind not in ("byte", "bpe"):
+        tokenizer = HFTokenizer(kind)
+        tokenizer.save(out_dir)
+        return tokenizer.eod_id
     if kind == "byte":
         text, eos = byte_tokenizer_json(), None
     else:
@@ -55,3 +70,4 @@ def write_tokenizer(out_dir: Path, kind: str, max_seq_len: int, bpe_file: Path |
     if eos is not None:
         config.update(eos_token=eos, pad_token=eos)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return EOD_ID

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from moe_dist.config import Config
+from moe_dist.data.tokenizer import nominal_vocab_size
 from moe_dist.distributed.mesh import MeshLayout
 from moe_dist.models.registry import build_model
 from moe_dist.moe.experts import GroupedExperts
@@ -182,7 +183,7 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     layout = MeshLayout.from_config(cfg.parallel, world_size)
     model_cfg = copy.deepcopy(cfg.model)
     if model_cfg.vocab_size == 0:
-        model_cfg.vocab_size = 256 if cfg.data.tokenizer == "byte" else cfg.data.bpe_vocab_size
+        model_cfg.vocab_size = nominal_vocab_size(cfg.data)  # a Hugging Face tokenizer is loaded to count it
     with torch.device("meta"):
         model = build_model(model_cfg, cfg.moe)
     total, dense, experts = _shard_counts(model, layout)

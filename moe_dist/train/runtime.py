@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moe_dist.config import Config, ConfigError, validate
+from moe_dist.data import check_data
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
 from moe_dist.train.plan import GradientPlan, LocalPlan, parallelize
@@ -100,6 +101,7 @@ def build_runtime(cfg: Config, env: LaunchEnv | None = None) -> Runtime:
     """Read the launcher, validate the config for this world size, create groups and the mesh."""
     env = env or LaunchEnv.from_environ()
     validate(cfg, env.world_size)  # on every rank, before any collective
+    check_data(cfg.data, cfg.model.vocab_size)  # the source and tokenizer exist (no data is read)
     device = pick_device(cfg.train.device, env)
     if env.world_size == 1:
         return Runtime(env, ParallelMesh.single(), device)

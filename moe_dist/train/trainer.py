@@ -61,10 +61,10 @@ class Trainer:
         self.device = runtime.device
         mesh = runtime.mesh
 
-        self.data = build_datasets(cfg.data) if runtime.is_data_builder else None
+        self.data = build_datasets(cfg.data, cfg.model.vocab_size) if runtime.is_data_builder else None
         runtime.barrier()  # the first rank fills the cache, the others then read it
         if self.data is None:
-            self.data = build_datasets(cfg.data)
+            self.data = build_datasets(cfg.data, cfg.model.vocab_size)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.vocab_size
         elif cfg.model.vocab_size < self.data.vocab_size:

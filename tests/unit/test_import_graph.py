@@ -2,8 +2,8 @@
 
 Layers, lowest first: config <- distributed <- moe, data, metrics <- models <- train <- the
 command-line modules. A module imports only from its own layer or below, the import graph has no
-circle, collectives and DeepSpeed are imported only where docs/design.md says, and the
-single-device model code reads no environment and parses no command line.
+circle, collectives, DeepSpeed and megatron-core are imported only where docs/design.md says, and
+the single-device model code reads no environment and parses no command line.
 """
 
 import ast
@@ -24,6 +24,7 @@ TORCH_DISTRIBUTED_ALLOWED = ("distributed/", "moe/dispatch/all_to_all.py", "mode
                              "models/arch_parallel.py", "models/fsdp.py")
 DEEPSPEED_ALLOWED = ("train/engines/deepspeed.py", "train/engines/deepspeed_config.py",
                      "distributed/deepspeed_bridge.py")
+MEGATRON_ALLOWED = ("data/megatron.py",)  # its IndexedDataset reads data.source=megatron:PATH_PREFIX
 
 
 def module_name(path: Path) -> str:
@@ -109,7 +110,8 @@ def test_checker_finds_a_circle_and_an_upward_import():
 
 
 @pytest.mark.parametrize("prefix, allowed", [("torch.distributed", TORCH_DISTRIBUTED_ALLOWED),
-                                             ("deepspeed", DEEPSPEED_ALLOWED)])
+                                             ("deepspeed", DEEPSPEED_ALLOWED),
+                                             ("megatron", MEGATRON_ALLOWED)])
 def test_collectives_and_deepspeed_are_imported_only_where_allowed(prefix, allowed):
     offenders = []
     for path in PACKAGE.rglob("*.py"):
