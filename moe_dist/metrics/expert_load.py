@@ -21,19 +21,23 @@ This module imports no ``torch.distributed``: the trainer passes
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from moe_dist.metrics.heatmap import HeatmapLayout, draw_heatmap, render_heatmap
 from moe_dist.metrics.sink import MetricsLogger, MetricsSink
 from moe_dist.moe.reduction import ReduceFn, reduce_with
 from moe_dist.moe.stats import ExpertLoadStats
 
 HEATMAP_TAG = "moe/load_heatmap"
+OVER_TIME_TAG = "moe/layer_{layer}/load_over_time"
+HISTORY_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class ExpertLoadTracker:
         self.stats_modules = list(stats_modules)
         self.layer_ids = [int(i) for i in layer_ids]
         self.reduce_fn = reduce_fn
+        self.history: dict[int, LoadHistory] = {}
+        """Per layer id, the loads of the windows written so far (logging rank only)."""
 
     @classmethod
     def from_model(cls, model: nn.Module, reduce_fn: ReduceFn | None = None) -> ExpertLoadTracker:
@@ -172,12 +178,16 @@ class ExpertLoadTracker:
         ]
         return ExpertLoadReport(layers=layers)
 
-    @staticmethod
-    def write(report: ExpertLoadReport, sink: MetricsSink | MetricsLogger, step: int) -> None:
-        """Log per-layer scalars and load histograms and the ``moe/load_heatmap`` image."""
+    def write(self, report: ExpertLoadReport, sink: MetricsSink | MetricsLogger, step: int) -> None:
+        """Log per-layer scalars and load histograms, the ``moe/load_heatmap`` image, and each
+        layer's ``moe/layer_{i}/load_over_time`` image when its picture gains a row.
+
+        The images are handed to a :class:`MetricsLogger` as render functions, so that a logger
+        over a background writer draws them on its worker thread (a few ms each)."""
         if isinstance(sink, MetricsLogger) and not sink.enabled:
             return
         scalars: dict[str, float] = {}
+        over_time: list[tuple[int, Callable[[], np.ndarray]]] = []
         for layer in report.layers:
             if layer.tokens <= 0:
                 continue
@@ -187,52 +197,97 @@ class ExpertLoadTracker:
             scalars[f"{prefix}/realized_k"] = layer.realized_k
             scalars[f"{prefix}/dead_experts"] = float(layer.dead_experts)
             sink.histogram(step, f"{prefix}/load", layer.load)
+            history = self.history.setdefault(layer.layer_id, LoadHistory(HISTORY_ROWS))
+            if history.add(step, layer.load):
+                matrix, steps = history.matrix()
+                over_time.append((layer.layer_id, functools.partial(
+                    render_load_over_time, matrix, steps, layer.layer_id, history.windows_per_row)))
         if scalars:
             sink.scalars(step, scalars)
-            sink.image(step, HEATMAP_TAG, render_heatmap(report.heatmap))
+            loads = report.heatmap
+            layer_ids = [layer.layer_id for layer in report.layers]
+            deferred = isinstance(sink, MetricsLogger)
+            images = [(HEATMAP_TAG, functools.partial(render_load_heatmap, loads, layer_ids, step))]
+            images += [(OVER_TIME_TAG.format(layer=layer_id), render) for layer_id, render in over_time]
+            for tag, render in images:
+                sink.image(step, tag, render if deferred else render())
 
 
-# --------------------------------------------------------------------------------------------
-# Heat-map rendering (no matplotlib)
-# --------------------------------------------------------------------------------------------
+class LoadHistory:
+    """Per-window expert loads of one layer, kept in at most ``max_rows`` rows.
 
-# Anchors of a dark-blue -> teal -> green -> yellow ramp (RGB in [0, 1]), evenly spaced.
-_RAMP = np.array([
-    [0.15, 0.05, 0.35],
-    [0.20, 0.30, 0.55],
-    [0.15, 0.55, 0.55],
-    [0.35, 0.75, 0.35],
-    [0.98, 0.90, 0.15],
-])
-_PAD_RGB = np.array([0.5, 0.5, 0.5])  # cells of experts a layer does not have
-_TARGET_PIXELS = 256  # the longer side of the image, at most, for small matrices
-
-
-def colorize(values: np.ndarray) -> np.ndarray:
-    """[H, W] values in [0, 1] (NaN = padding) -> [3, H, W] float RGB in [0, 1]."""
-    values = np.asarray(values, dtype=np.float64)
-    pad = np.isnan(values)
-    scaled = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_RAMP) - 1)
-    low = np.minimum(np.floor(scaled).astype(int), len(_RAMP) - 2)
-    frac = (scaled - low)[..., None]
-    rgb = _RAMP[low] * (1.0 - frac) + _RAMP[low + 1] * frac  # [H, W, 3]
-    rgb[pad] = _PAD_RGB
-    return rgb.transpose(2, 0, 1)
-
-
-def render_heatmap(matrix: np.ndarray) -> np.ndarray:
-    """[layers, experts] loads -> [3, H, W] uint8 image, rows = layers, columns = experts.
-
-    Values are divided by the largest entry (the busiest expert is the brightest colour), NaN
-    padding is grey, and each cell becomes a square block of pixels so that an 8 x 16 matrix
-    is not a 16-pixel-wide smudge.
+    Each logging window adds its load vector. While fewer than ``max_rows`` rows exist, a row is
+    one window. When a row too many would exist, neighbouring rows are averaged in pairs and a row
+    then holds twice as many windows, so the whole run always fits (memory O(max_rows · E)) and
+    the rows stay evenly spaced in steps.
     """
-    matrix = np.asarray(matrix, dtype=np.float64)
-    if matrix.ndim != 2 or matrix.size == 0:
-        raise ValueError(f"heat map must be a non-empty [layers, experts] matrix, got shape {matrix.shape}")
-    peak = np.nanmax(matrix) if not np.all(np.isnan(matrix)) else 0.0
-    normalised = matrix / peak if peak > 0 else np.where(np.isnan(matrix), np.nan, 0.0)
-    rgb = colorize(normalised)
-    cell = max(1, _TARGET_PIXELS // max(matrix.shape))
-    rgb = np.repeat(np.repeat(rgb, cell, axis=1), cell, axis=2)
-    return np.round(rgb * 255.0).astype(np.uint8)
+
+    def __init__(self, max_rows: int = HISTORY_ROWS) -> None:
+        if max_rows < 2:
+            raise ValueError(f"LoadHistory needs max_rows >= 2, got {max_rows}")
+        self.max_rows = max_rows
+        self.windows_per_row = 1
+        self.rows: list[np.ndarray] = []
+        self.steps: list[int] = []
+        """Last optimizer step of each row."""
+        self._pending_sum: np.ndarray | None = None
+        self._pending_windows = 0
+
+    def add(self, step: int, load: np.ndarray) -> bool:
+        """Add one window's [E] load; True when a row was completed (the picture gained a row)."""
+        load = np.asarray(load, dtype=np.float64)
+        self._pending_sum = load.copy() if self._pending_sum is None else self._pending_sum + load
+        self._pending_windows += 1
+        if self._pending_windows < self.windows_per_row:
+            return False
+        self.rows.append(self._pending_sum / self._pending_windows)
+        self.steps.append(step)
+        self._pending_sum, self._pending_windows = None, 0
+        if len(self.rows) > self.max_rows:
+            self._halve()
+        return True
+
+    def matrix(self) -> tuple[np.ndarray, list[int]]:
+        """[rows, E] mean load of each row (a new array) and the last step of each row."""
+        return np.stack(self.rows), list(self.steps)
+
+    def _halve(self) -> None:
+        odd = len(self.rows) % 2
+        if odd:  # the newest row goes back to pending, as a half-full row of the doubled size
+            self._pending_sum = self.rows.pop() * self.windows_per_row
+            self._pending_windows = self.windows_per_row
+            self.steps.pop()
+        self.rows = [(a + b) / 2 for a, b in zip(self.rows[0::2], self.rows[1::2])]
+        self.steps = self.steps[1::2]
+        self.windows_per_row *= 2
+
+
+def load_color_max(loads: np.ndarray, num_experts: int) -> float:
+    """The top of the colour scale of a load picture: the largest load, but at least twice the
+    uniform share 2/E, so that a balanced router sits mid-scale instead of being stretched."""
+    finite = loads[np.isfinite(loads)]
+    peak = float(finite.max()) if finite.size else 0.0
+    return max(peak, 2.0 / max(num_experts, 1))
+
+
+def render_load_heatmap(loads: np.ndarray, layer_ids: Sequence[int], step: int) -> np.ndarray:
+    """The ``moe/load_heatmap`` image: layers (rows, by block index) x experts."""
+    return render_heatmap(loads, row_labels=list(layer_ids), row_title="layer", col_title="expert",
+                          title=f"expert load, step {step}", colorbar_title="load",
+                          vmax=load_color_max(loads, loads.shape[1]))
+
+
+def render_load_over_time(loads: np.ndarray, steps: Sequence[int], layer_id: int,
+                          windows_per_row: int = 1) -> np.ndarray:
+    """A ``moe/layer_{i}/load_over_time`` image: logging windows (rows, oldest on top, labelled
+    by their last step) x experts."""
+    return draw_load_over_time(loads, steps, layer_id, windows_per_row)[0]
+
+
+def draw_load_over_time(loads: np.ndarray, steps: Sequence[int], layer_id: int,
+                        windows_per_row: int = 1) -> tuple[np.ndarray, HeatmapLayout]:
+    """:func:`render_load_over_time` and where it drew the cells and the colour bar."""
+    per_row = "" if windows_per_row == 1 else f", {windows_per_row} windows a row"
+    return draw_heatmap(loads, row_labels=list(steps), row_title="step", col_title="expert",
+                        title=f"layer {layer_id}: expert load over time{per_row}", colorbar_title="load",
+                        vmax=load_color_max(loads, loads.shape[1]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from moe_dist.config.errors import with_path
 from moe_dist.metrics.background import BackgroundSink
 from moe_dist.metrics.protocol import MetricsSink
+from moe_dist.metrics.wandb_sink import WandbSink, require_wandb
 
 ScalarLike = float | int | torch.Tensor
 
@@ -222,10 +223,15 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.histogram(step, tag, array)
 
-    def image(self, step: int, tag: str, image_chw: np.ndarray) -> None:
+    def image(self, step: int, tag: str, image_chw: np.ndarray | Callable[[], np.ndarray]) -> None:
+        """``image_chw`` may be a function that draws it: a background writer calls it on its
+        worker thread, any other sink gets it drawn here."""
         if not self.enabled:
             return
-        _check_chw(tag, image_chw)
+        if callable(image_chw) and not all(isinstance(sink, BackgroundSink) for sink in self.sinks):
+            image_chw = image_chw()
+        if not callable(image_chw):
+            _check_chw(tag, image_chw)
         for sink in self.sinks:
             sink.image(step, tag, image_chw)
 
@@ -249,20 +255,28 @@ class MetricsLogger:
 
 
 def build_sinks(run_dir: str | Path, log_cfg: Any, is_logging_rank: bool,
-                background: bool = True) -> MetricsLogger:
+                background: bool = True, run_config: Mapping[str, Any] | None = None) -> MetricsLogger:
     """The metrics logger for this rank.
 
     The logging rank writes ``<run_dir>/metrics.jsonl`` always and ``<run_dir>/tb/`` when
     ``log.tensorboard`` is true, through one :class:`BackgroundSink` (histograms, PNG encoding
     and file writes happen on a worker thread); every other rank gets a logger over a
-    :class:`NullSink`. ``log_cfg`` is the ``log`` section of the config (``LogConfig``).
+    :class:`NullSink`. ``log_cfg`` is the ``log`` section of the config (``LogConfig``). With
+    ``log.wandb`` the logging rank also logs to Weights & Biases (``WandbSink``, with ``run_config``
+    as the run's config); every rank checks that wandb is installed first, so all fail alike when
+    it is not.
     """
+    use_wandb = bool(getattr(log_cfg, "wandb", False))
+    if use_wandb:
+        require_wandb()
     if not is_logging_rank:
         return MetricsLogger([NullSink()])
     run_dir = Path(run_dir)
     sinks: list[MetricsSink] = [JsonlSink(run_dir / JSONL_FILENAME)]
     if log_cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / TENSORBOARD_SUBDIR))
+    if use_wandb:
+        sinks.append(WandbSink(run_dir, log_cfg, run_config))
     return MetricsLogger([BackgroundSink(MetricsLogger(sinks))] if background else sinks)
 
 

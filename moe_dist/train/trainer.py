@@ -31,6 +31,7 @@ from moe_dist.models.registry import build_model
 from moe_dist.moe.routing import state as routing_state
 from moe_dist.train.init_from import initialize_from
 from moe_dist.train.memory import GIB, estimate_memory
+from moe_dist.train.profiling import StepProfiler
 from moe_dist.train.runtime import Runtime
 from moe_dist.train.summary import run_summary, schedule_warnings
 
@@ -157,7 +158,8 @@ class Trainer:
         self.rt.agree_before_training(self.model, cfg)
         if self.rt.is_logging_rank:  # drop what an interrupted attempt logged past the resumed step (or step 0)
             truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
-        self.metrics = build_sinks(self.run_dir, cfg.log, self.rt.is_logging_rank)
+        self.metrics = build_sinks(self.run_dir, cfg.log, self.rt.is_logging_rank, run_config=cfg.to_dict())
+        profiler = StepProfiler.from_config(cfg.train, self.run_dir, self.rt.env.rank, self.device, self.model)
         self.metrics.text("config", f"```\n{cfg.to_yaml()}\n```")
         self.throughput = ThroughputMeter(self.device)
         self.throughput.start()
@@ -170,7 +172,7 @@ class Trainer:
             while self.step < cfg.train.steps:
                 # Every collective of a step (forward, backward, logging, eval, checkpoint) is bounded
                 # by the watchdog: a dead or hung rank ends the run with the last split sizes.
-                with self.rt.guard(f"training step {self.step + 1}"):
+                with self.rt.guard(f"training step {self.step + 1}"), profiler.step(self.step + 1):
                     self.train_step(means)
                     self.throughput.step(tokens_per_step)
                     progress.update()
@@ -193,6 +195,7 @@ class Trainer:
                 if stop and not done:
                     preempted = True
                     break
+        profiler.close()  # a run stopped inside the profiled steps writes what it recorded
         self.metrics.flush()
         self.metrics.close()
         return FitResult(self.step, last_loss, last_val, preempted)

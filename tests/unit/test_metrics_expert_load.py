@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from moe_dist.metrics import ExpertLoadTracker, MetricsLogger, TensorBoardSink, render_heatmap
+from moe_dist.metrics import ExpertLoadTracker, MetricsLogger, TensorBoardSink
+from moe_dist.metrics.expert_load import render_load_heatmap
 from moe_dist.moe.stats import ExpertLoadStats
 
 
@@ -85,22 +88,6 @@ def test_ragged_layers_pad_the_heatmap():
     assert np.isnan(heat[1, 2:]).all()
 
 
-def test_render_heatmap_colours_and_upscales():
-    matrix = np.array([[0.0, 0.5], [1.0, np.nan]])
-    image = render_heatmap(matrix)
-    assert image.dtype == np.uint8 and image.shape == (3, 256, 256)  # 128-pixel cells
-    cell = lambda r, c: tuple(int(v) for v in image[:, r * 128 + 5, c * 128 + 5])  # noqa: E731
-    # Ramp anchors x 255: 0 -> (0.15, 0.05, 0.35), 0.5 -> (0.15, 0.55, 0.55), 1 -> (0.98, 0.90, 0.15).
-    assert cell(0, 0) == (38, 13, 89)
-    assert cell(0, 1) == (38, 140, 140)
-    assert cell(1, 0) == (250, 230, 38)
-    assert cell(1, 1) == (128, 128, 128)  # padding is grey
-    assert (image[:, :128, :128] == image[:, :1, :1]).all()  # a cell is one uniform block
-    assert render_heatmap(np.ones((2, 300))).shape == (3, 2, 300)  # large matrices stay 1:1
-    with pytest.raises(ValueError, match="layers, experts"):
-        render_heatmap(np.ones(4))
-
-
 def test_from_model_reads_block_index_from_module_path():
     class Block(nn.Module):
         def __init__(self, moe: bool) -> None:
@@ -144,4 +131,15 @@ def test_write_logs_documented_tags(tmp_path):
     assert value("moe/layer_1/dead_experts") == [(7, 1.0)]
     assert value("moe/layer_3/imbalance") == [(7, pytest.approx(1.0))]
     (image,) = acc.Images("moe/load_heatmap")
-    assert (image.step, image.height, image.width) == (7, 128, 256)  # 2 x 4 cells of 64 px
+    expected = render_load_heatmap(tracker_report_loads(), [1, 3], step=7)
+    assert (image.step, image.height, image.width) == (7, *expected.shape[1:])
+    decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")).transpose(2, 0, 1)
+    assert (decoded == expected).all()  # the labelled picture, drawn on the writer's side
+    for layer in (1, 3):  # the first window of each layer starts its over-time picture
+        (over_time,) = acc.Images(f"moe/layer_{layer}/load_over_time")
+        assert over_time.step == 7
+
+
+def tracker_report_loads():
+    """The [layers, experts] loads of test_write_logs_documented_tags' first window."""
+    return np.array([[3 / 7, 2 / 7, 2 / 7, 0.0], [0.5, 0.5, np.nan, np.nan]])
