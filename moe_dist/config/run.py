@@ -159,7 +159,6 @@ class TrainConfig:
                  f"train.steps ({self.steps}); profile steps up to {self.steps}")
 
 
-
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = 100
@@ -200,7 +199,6 @@ class LogConfig:
         require(self.every > 0, f"log.every ({self.every}) must be positive")
         require(not self.wandb or bool(self.wandb_project.strip()),
                  "log.wandb_project is empty; name a W&B project, e.g. log.wandb_project=moe_dist")
-
 
 
 @dataclass(kw_only=True)
