@@ -78,9 +78,14 @@ class NullSink:
 
 
 class TensorBoardSink:
-    """Writes TensorBoard event files into ``log_dir`` through ``SummaryWriter``."""
+    """Writes TensorBoard event files into ``log_dir`` through ``SummaryWriter``.
 
-    def __init__(self, log_dir: str | Path) -> None:
+    ``purge_step``: a resumed run passes its first step (resumed step + 1). The new event file
+    then starts with a session-start marker at that step, and TensorBoard drops every event of
+    the earlier files at or after it: what a killed attempt logged past its last checkpoint.
+    """
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         # Imported here: the writer pulls in tensorboard/protobuf, which ranks that never log
         # (and tests that never touch TensorBoard) should not pay for.
         from torch.utils.tensorboard import SummaryWriter
@@ -89,7 +94,8 @@ class TensorBoardSink:
         # A deep queue: a logging step adds a few hundred events (scalars and histograms per MoE
         # layer), and with the default depth of 10 every add waits for the writer thread.
         try:
-            self._writer = SummaryWriter(log_dir=str(self.log_dir), max_queue=4096, flush_secs=30)
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), max_queue=4096, flush_secs=30,
+                                         purge_step=purge_step)
         except OSError as exc:  # its first write names no file
             raise with_path(exc, self.log_dir, "cannot write the TensorBoard event file") from exc
 
@@ -255,16 +261,17 @@ class MetricsLogger:
 
 
 def build_sinks(run_dir: str | Path, log_cfg: Any, is_logging_rank: bool,
-                background: bool = True, run_config: Mapping[str, Any] | None = None) -> MetricsLogger:
+                background: bool = True, purge_step: int | None = None,
+                run_config: Mapping[str, Any] | None = None) -> MetricsLogger:
     """The metrics logger for this rank.
 
     The logging rank writes ``<run_dir>/metrics.jsonl`` always and ``<run_dir>/tb/`` when
     ``log.tensorboard`` is true, through one :class:`BackgroundSink` (histograms, PNG encoding
     and file writes happen on a worker thread); every other rank gets a logger over a
-    :class:`NullSink`. ``log_cfg`` is the ``log`` section of the config (``LogConfig``). With
-    ``log.wandb`` the logging rank also logs to Weights & Biases (``WandbSink``, with ``run_config``
-    as the run's config); every rank checks that wandb is installed first, so all fail alike when
-    it is not.
+    :class:`NullSink`. ``log_cfg`` is the ``log`` section of the config (``LogConfig``);
+    ``purge_step`` goes to :class:`TensorBoardSink`. With ``log.wandb`` the logging rank also logs
+    to Weights & Biases (``WandbSink``, with ``run_config`` as the run's config); every rank checks
+    that wandb is installed first, so all fail alike when it is not.
     """
     use_wandb = bool(getattr(log_cfg, "wandb", False))
     if use_wandb:
@@ -274,7 +281,7 @@ def build_sinks(run_dir: str | Path, log_cfg: Any, is_logging_rank: bool,
     run_dir = Path(run_dir)
     sinks: list[MetricsSink] = [JsonlSink(run_dir / JSONL_FILENAME)]
     if log_cfg.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / TENSORBOARD_SUBDIR))
+        sinks.append(TensorBoardSink(run_dir / TENSORBOARD_SUBDIR, purge_step=purge_step))
     if use_wandb:
         sinks.append(WandbSink(run_dir, log_cfg, run_config))
     return MetricsLogger([BackgroundSink(MetricsLogger(sinks))] if background else sinks)

@@ -1,7 +1,13 @@
-"""The run directory: one per run, holding config.yaml, metrics.jsonl, tb/ and checkpoints/.
+"""The run directory: one per run, holding config.yaml, provenance.json, metrics.jsonl, tb/ and
+checkpoints/.
 
 A directory that already holds a *different* run is refused (unless the user asks to
 overwrite it), so two experiments never interleave their metrics and checkpoints.
+
+The run's identity, ``config.yaml``, is written only once the run has started: data and model
+built, the checkpoint to resume from loaded (:func:`write_run_config`, called by the trainer).
+A run that fails before (a wrong ``data.text_field``, a model that does not build) leaves at
+most an empty directory, so the corrected command is not refused as "a different run".
 """
 
 from __future__ import annotations
@@ -73,7 +79,8 @@ def read_run_config(config_file: Path) -> dict:
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, overwrite: bool, is_writer: bool) -> None:
-    """Create or re-open ``run_dir`` for ``cfg``; refuse a directory of another run.
+    """Create or re-open ``run_dir`` for ``cfg``; refuse a directory of another run. Writes no
+    file: :func:`write_run_config` records the run once it has started.
 
     Raises ConfigError for a path that cannot be a run directory or holds another run, and
     OSError (with the path) when the file system refuses (read-only, permissions, disk full).
@@ -99,11 +106,17 @@ def prepare_run_dir(run_dir: Path, cfg: Config, overwrite: bool, is_writer: bool
         raise ConfigError(f"run directory {run_dir} is not empty and holds no moe_dist run "
                           "(no config.yaml); choose another --run-dir or pass --overwrite")
     if is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        try:
-            tmp.write_text(cfg.to_yaml())
-            tmp.replace(config_file)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise with_path(exc, config_file, f"cannot write {config_file.name}") from exc
+        run_dir.mkdir(parents=True, exist_ok=True)  # an empty directory is a valid new run directory
+
+
+def write_run_config(run_dir: Path, config_yaml: str) -> None:
+    """Write the run's identity, ``<run_dir>/config.yaml``, atomically (the config as loaded,
+    before the trainer resolved anything from the data, so the same command compares equal)."""
+    config_file = Path(run_dir) / "config.yaml"
+    tmp = config_file.with_name("config.yaml.tmp")
+    try:
+        tmp.write_text(config_yaml)
+        tmp.replace(config_file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise with_path(exc, config_file, f"cannot write {config_file.name}") from exc

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class FitResult:
     last_loss: float | None
     last_val_loss: float | None
     preempted: bool = False
+    already_complete: bool = False
+    """The run had reached ``train.steps`` before this start: nothing was trained or logged."""
 
 
 class Trainer:
@@ -152,13 +155,22 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not in the main thread (tests)
                 signal.signal(sig, self._request_stop)
 
-    def fit(self) -> FitResult:
+    def fit(self, on_start: Callable[[int], None] | None = None) -> FitResult:
+        """Train from the resumed step to ``train.steps``. ``on_start(step)`` runs on every rank
+        once data, model and the resumed checkpoint are in place (the entry point records the
+        run there), unless the run is already complete."""
         cfg = self.cfg
         self.maybe_resume()
         self.rt.agree_before_training(self.model, cfg)
+        if self.step >= cfg.train.steps:
+            return FitResult(self.step, None, None, already_complete=True)
+        if on_start is not None:
+            on_start(self.step)
         if self.rt.is_logging_rank:  # drop what an interrupted attempt logged past the resumed step (or step 0)
             truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.step)
-        self.metrics = build_sinks(self.run_dir, cfg.log, self.rt.is_logging_rank, run_config=cfg.to_dict())
+        # purge_step: TensorBoard hides what an interrupted attempt logged past the resumed step
+        self.metrics = build_sinks(self.run_dir, cfg.log, self.rt.is_logging_rank, run_config=cfg.to_dict(),
+                                   purge_step=self.step + 1)
         profiler = StepProfiler.from_config(cfg.train, self.run_dir, self.rt.env.rank, self.device, self.model)
         self.metrics.text("config", f"```\n{cfg.to_yaml()}\n```")
         self.throughput = ThroughputMeter(self.device)

@@ -1,6 +1,7 @@
 """End-to-end single-process training: metrics, TensorBoard tags, resume after a real kill,
 and the bad inputs a user can give."""
 
+import json
 import signal
 import subprocess
 import time
@@ -49,7 +50,32 @@ def test_training_writes_run_dir_metrics_and_tensorboard(tmp_path):
     assert realized_k == pytest.approx(2.0)  # dropless top-2
 
 
+def _kill_during_save(process: subprocess.Popen, run_dir: Path, steps: list[int]) -> int:
+    """SIGKILL ``process`` while it writes one of the checkpoints of ``steps`` (the first whose
+    save it can be stopped in); the step it was saving. A save flushes metrics.jsonl and the
+    TensorBoard events first, so the killed attempt has logged past its newest complete checkpoint."""
+    root = run_dir / "checkpoints"
+    for step in steps:
+        tmp, final = root / f".step_{step:08d}.tmp", root / f"step_{step:08d}"
+        deadline = time.time() + 180
+        while not tmp.exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.001)
+        process.send_signal(signal.SIGSTOP)  # frozen mid-save (a save takes ~50 ms here) ...
+        if tmp.exists() and not final.exists():
+            process.send_signal(signal.SIGKILL)  # ... and killed there
+            process.wait()
+            return step
+        process.send_signal(signal.SIGCONT)  # the save finished before the stop: try the next one
+    process.kill()
+    process.wait()
+    pytest.fail(f"could not stop the run inside the save of any of the checkpoints {steps}")
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    """kill -9 in the middle of a checkpoint save, then the same command again: the run resumes
+    from the checkpoint before, its losses equal an uninterrupted run's, TensorBoard (read with its
+    own EventAccumulator) holds each step once with the resumed values, provenance.json has one
+    entry per start; a third run of the same command says the run is complete."""
     overrides = ["train.steps=12", "log.every=1", "train.eval_every=0", "checkpoint.every=4",
                  "checkpoint.keep_last=3"]
     reference = tmp_path / "reference"
@@ -58,21 +84,37 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(train_command(interrupted, *overrides), cwd=REPO, env=train_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = interrupted / "checkpoints" / "step_00000008"
-    deadline = time.time() + 180
-    while not target.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert target.exists(), "the run never reached its step-8 checkpoint"
+    killed_in = _kill_during_save(process, interrupted, [8, 12])
     assert process.returncode == -signal.SIGKILL
+    resumed_at = killed_in - 4
 
-    run_train(interrupted, *overrides)  # checkpoint.resume=auto is the default
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def tensorboard_losses() -> list[tuple[int, float]]:
+        acc = EventAccumulator(str(interrupted / "tb"), size_guidance={"scalars": 0})
+        acc.Reload()
+        return [(event.step, event.value) for event in acc.Scalars("train/loss")]
+
+    assert [step for step, _ in tensorboard_losses()] == list(range(1, killed_in + 1))  # flushed before the save
+
+    result = run_train(interrupted, *overrides)  # checkpoint.resume=auto is the default
+    assert f"resumed from {interrupted / 'checkpoints' / f'step_{resumed_at:08d}'} at step {resumed_at}" \
+        in result.stderr
     got = {r["step"]: r["loss"] for r in read_metrics(interrupted)}
     want = {r["step"]: r["loss"] for r in read_metrics(reference)}
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    board = tensorboard_losses()
+    assert [step for step, _ in board] == list(range(1, 13))  # no step twice (purge_step)
+    assert [value for _, value in board] == pytest.approx([got[step] for step in range(1, 13)], rel=1e-6)
+
+    result = run_train(interrupted, *overrides)
+    assert "nothing to train: this run is already complete at step 12 (train.steps=12), last logged loss " \
+        f"{got[12]:.4f}" in result.stderr and "n/a" not in result.stderr
+    starts = json.loads((interrupted / "provenance.json").read_text())
+    assert [entry["start_step"] for entry in starts] == [0, resumed_at]  # the complete run started nothing
+    assert starts[1]["argv"][1:] == train_command(interrupted, *overrides)[3:]
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path):
@@ -88,7 +130,10 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 124, stderr[-2000:]
     saved = list((run_dir / "checkpoints").glob("step_*"))
-    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < 400
+    step = int(saved[0].name.split("_")[1])
+    assert len(saved) == 1 and step < 400
+    assert f"preempted at step {step} (checkpoint saved); rerun the same command to resume" in stderr
+    assert "finished at step" not in stderr
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path):
