@@ -242,12 +242,16 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, mesh: Paral
     """
     params = list(params)
     total = grad_norm(params, mesh)
+    _scale_below(total, max_norm, [p.grad for p in params if p.grad is not None])
+    return total
+
+
+def _scale_below(total: torch.Tensor, max_norm: float, grads: list[torch.Tensor]) -> None:
+    """Scale ``grads`` in place by ``min(1, max_norm / (total + 1e-6))`` (nothing if max_norm is 0 or inf)."""
     if max_norm > 0 and math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
-    return total
+        for grad in grads:
+            grad.mul_(coef.to(grad.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,10 +290,5 @@ def clip_sharded_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, mes
     """:func:`clip_grad_norm_` for FSDP2-sharded gradients: each rank scales its own shards."""
     params = list(params)
     total = sharded_grad_norm(params, mesh)
-    if max_norm > 0 and math.isfinite(max_norm):
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in params:
-            if p.grad is not None:
-                local = _local(p.grad)
-                local.mul_(coef.to(local.dtype))
+    _scale_below(total, max_norm, [_local(p.grad) for p in params if p.grad is not None])
     return total
