@@ -115,8 +115,51 @@ class StratifiedConfig:
 
 
 @dataclass(kw_only=True)
+class MoAConfig:
+    """Mixture of attention heads (model.arch=moa; Zhang et al. 2022, ALGORITHMS.md section 10):
+    per token a softmax router picks top_k of num_experts attention experts, each with its own
+    query and output projections; keys and values are shared and one head wide.
+
+    The zeros derive the parameter-parity sizes (docs/architectures.md): head_dim = model.dim /
+    model.n_heads, top_k = model.n_heads (as many attention maps as the dense model) and
+    num_experts = 2 * model.n_heads - 1, which gives (E + 1) * 2 * d * d_h = 4 * d^2, the dense
+    attention's parameters (plus the d x E router)."""
+
+    num_experts: int = 0
+    """Attention experts E. 0 means 2 * model.n_heads - 1 (parameter parity)."""
+    top_k: int = 0
+    """Experts (attention maps) per token k. 0 means model.n_heads."""
+    head_dim: int = 0
+    """Width d_h of one expert's query/output and of the shared key/value. 0 means
+    model.dim // model.n_heads; must be even (rotary)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch load-balancing loss E * sum_e f_e * P_e (f over all T*k selections,
+    the reference's compute_switchloss). 0 disables it."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss mean_t logsumexp(u_t)^2 (the reference's compute_zloss).
+    0 disables it."""
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 0 and self.top_k >= 0 and self.head_dim >= 0,
+                 f"model.moa.num_experts ({self.num_experts}), top_k ({self.top_k}) and head_dim "
+                 f"({self.head_dim}) must be >= 0 (0 = derive from model)")
+        require(self.num_experts == 0 or self.top_k <= self.num_experts,
+                 f"model.moa.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        require(self.head_dim % 2 == 0, f"model.moa.head_dim ({self.head_dim}) must be even (rotary)")
+        require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
+                 f"model.moa.aux_loss_coef ({self.aux_loss_coef}) and z_loss_coef ({self.z_loss_coef}) "
+                 "must be >= 0 (0 disables)")
+
+    def resolved(self, dim: int, n_heads: int) -> tuple[int, int, int]:
+        """(num_experts, top_k, head_dim) with the zeros derived from model.dim and n_heads."""
+        top_k = self.top_k or n_heads
+        num_experts = self.num_experts or 2 * n_heads - 1
+        return num_experts, top_k, self.head_dim or dim // n_heads
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
-    arch: Literal["transformer", "switchhead", "peer", "mh_moe", "stratified"] = "transformer"
+    arch: Literal["transformer", "switchhead", "peer", "mh_moe", "stratified", "moa"] = "transformer"
     """Model family. 'transformer' is the decoder-only LM with (optionally) MoE MLPs; the
     others swap in a seed architecture (see docs/architectures.md)."""
     vocab_size: int = 0
@@ -158,6 +201,8 @@ class ModelConfig:
     """Options of model.arch=mh_moe."""
     stratified: StratifiedConfig = field(default_factory=StratifiedConfig)
     """Options of model.arch=stratified."""
+    moa: MoAConfig = field(default_factory=MoAConfig)
+    """Options of model.arch=moa."""
 
     def __post_init__(self) -> None:
         require(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,

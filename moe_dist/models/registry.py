@@ -7,6 +7,7 @@ from torch import nn
 
 from moe_dist.config import ConfigError, ModelConfig, MoEConfig
 from moe_dist.models.mh_moe import MHMoETransformer
+from moe_dist.models.moa import MoATransformer
 from moe_dist.models.peer import PEERTransformer
 from moe_dist.models.stratified import StratifiedTransformer
 from moe_dist.models.switchhead import SwitchHeadTransformer
@@ -17,6 +18,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "peer": PEERTransformer,
     "mh_moe": MHMoETransformer,
     "stratified": StratifiedTransformer,
+    "moa": MoATransformer,
 }
 """The research architectures; 'transformer' is the plain decoder LM."""
 

@@ -30,6 +30,7 @@ ARCHS = {
                        "model.peer.query_dim=8"],
     "mh_moe": ["model.arch=mh_moe"],
     "stratified": ["model.arch=stratified", "model.stratified.strata=[2,2]"],
+    "moa": ["model.arch=moa"],
 }
 
 
