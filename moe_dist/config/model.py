@@ -23,10 +23,18 @@ class SwitchHeadConfig:
     top_k: int = 2
     """Experts selected per head and token, on each side (k)."""
     switch_all: bool = False
-    """SwitchAll: every MLP is also a sigma-MoE (sigmoid gate, no renormalisation, entropy
-    regulariser) built from the moe section (num_experts, expert_ffn_dim, router.top_k)."""
+    """SwitchAll: every MLP is a sigma-MoE (sigmoid gate, no renormalisation, entropy regulariser
+    over the data-parallel batch) built from the moe section (num_experts = N_E, expert_ffn_dim =
+    G, router.top_k = K); needs moe.every=1 (docs/architectures.md)."""
     entropy_reg: float = 0.001
-    """Weight gamma of the sigma-MoE entropy regulariser (SwitchAll only). 0 disables it."""
+    """Weight gamma of the sigma-MoE entropy regulariser -gamma * H(mean_t softmax(u_t)), the mean
+    taken over the tokens of all data-parallel ranks (SwitchAll only). 0 disables it."""
+    expert_dropout: float = 0.0
+    """Expert dropout delta of the sigma-MoE (SwitchAll only): in training, each sigmoid score is
+    set to 0 with this probability before the top-k (the paper's big runs use 0.1). 0 disables it."""
+    expert_activation: Literal["relu", "swiglu"] = "relu"
+    """Experts of the sigma-MoE (SwitchAll only): 'relu' is the paper's two-layer ReLU(x W1) W2
+    with expert_ffn_dim = G, 'swiglu' the repository's gated experts."""
 
     def __post_init__(self) -> None:
         require(self.n_heads >= 0 and self.head_dim >= 0,
@@ -37,6 +45,8 @@ class SwitchHeadConfig:
                  f"model.switchhead.top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}]")
         require(self.head_dim % 2 == 0, f"model.switchhead.head_dim ({self.head_dim}) must be even (rotary)")
         require(self.entropy_reg >= 0, f"model.switchhead.entropy_reg ({self.entropy_reg}) must be >= 0")
+        require(0 <= self.expert_dropout < 1,
+                 f"model.switchhead.expert_dropout ({self.expert_dropout}) must be in [0, 1) (0 disables it)")
 
 
 @dataclass(kw_only=True)

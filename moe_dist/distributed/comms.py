@@ -439,6 +439,17 @@ class _AllReduceBackward(torch.autograd.Function):
         return _all_reduce_copy(grad, ctx.group), None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return _all_reduce_copy(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce_copy(grad, ctx.group), None
+
+
 class _GatherSplit(torch.autograd.Function):
     """Forward all-gather along dim; backward keeps this rank's chunk (or reduce-scatters)."""
 
@@ -486,6 +497,13 @@ def all_reduce_forward(x: Tensor, group: ProcessGroup | None) -> Tensor:
     Megatron's "reduce from tensor-parallel region": after a row-parallel linear.
     """
     return x if group is None else _AllReduceForward.apply(x, group)
+
+
+def all_reduce_sum(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Sum ``x`` over the group, autograd-correct when every rank computes the same loss from the
+    sum: the backward sums the gradients too (``torch.distributed.nn.functional.all_reduce``).
+    Used for batch statistics that are global over the data-parallel ranks."""
+    return x if group is None else _AllReduceSum.apply(x, group)
 
 
 def all_reduce_backward(x: Tensor, group: ProcessGroup | None) -> Tensor:

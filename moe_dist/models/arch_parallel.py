@@ -26,7 +26,19 @@
    rank picks the same stratum, runs the same number of all-to-all dispatches (a rank without
    tokens in that stratum joins with zero rows) and sizes fixed capacities alike.
 
-:func:`apply_arch_parallel` applies both; ``parallelize`` calls it after ``apply_ep``.
+3. SwitchAll's sigma-MoE (:func:`apply_global_entropy`): the entropy regulariser's batch
+   distribution ``p_bar = mean_t softmax(u_t)`` is taken over the tokens of every data-parallel
+   rank (the paper's "global" mode). :class:`GlobalLogSumExp` reduces each layer's
+   ``log sum_t softmax(u_t)`` [E] and token count over ``mesh.dp_group``: a MAX all-reduce of the
+   (detached) shift, then one autograd sum all-reduce of ``[exp(l - shift), T]``. Every rank then
+   computes the same loss; the sum's backward sums the ranks' identical upstream gradients, and
+   the dp average of the parameter gradients turns that back into the gradient of the one global
+   loss (tests/distributed/test_sigma_moe_global.py checks it against one process on the union).
+
+   Worked example, world 4, ``dp=4, ep=2``: dp group [0,1,2,3]; each rank's 2x128 tokens give
+   ``p_bar`` over all 1024 tokens, on every rank.
+
+:func:`apply_arch_parallel` applies all three; ``parallelize`` calls it after ``apply_ep``.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from moe_dist.distributed import comms
 from moe_dist.distributed.param_tags import mark_expert_param
 from moe_dist.models.peer import PEERLayer
 from moe_dist.models.stratified import StratifiedMoELayer
+from moe_dist.models.switchhead import SigmaMoELayer
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -138,7 +151,33 @@ class MaxOverGroup:
         return comms.all_reduce(counts.clone(), "max", self.group)
 
 
+class GlobalLogSumExp:
+    """``(log sum_t softmax(u_t) [E], token count) -> both summed over the group``, in log space
+    and autograd-correct (see item 3 of the module docstring). Two small all-reduces per call."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+        self.calls = 0
+
+    def __call__(self, log_sum_E: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        shift_E = comms.all_reduce(log_sum_E.detach().clone(), "max", self.group)
+        local = torch.cat([(log_sum_E - shift_E).exp(), log_sum_E.new_tensor([float(num_tokens)])])
+        total = comms.all_reduce_sum(local, self.group)
+        return shift_E + total[:-1].log(), total[-1]
+
+
+def apply_global_entropy(model: nn.Module, mesh: ParallelMesh) -> int:
+    """Make every sigma-MoE layer's entropy regulariser global over ``mesh.dp_group``."""
+    layers = [m for m in model.modules() if isinstance(m, SigmaMoELayer)]
+    if mesh.dp_size > 1:
+        for layer in layers:
+            layer.entropy_reduce_fn = GlobalLogSumExp(mesh.dp_group)
+    return len(layers)
+
+
 def apply_arch_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
     """The research architectures' parallel pieces (a no-op for the plain Transformer)."""
     apply_peer_ep(model, mesh)
     apply_stratified_agreement(model, mesh)
+    apply_global_entropy(model, mesh)

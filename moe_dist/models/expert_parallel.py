@@ -27,7 +27,8 @@ from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer
 
 W13_PARTS = 2
-"""``w13``'s last dim is the gate and the up projection fused: each is split over etp alone."""
+"""SwiGLU ``w13``'s last dim is the gate and the up projection fused: each is split over etp
+alone. ReLU experts fuse one part (:attr:`GroupedExperts.fused_parts`)."""
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -88,14 +89,14 @@ def _shard_experts(experts: GroupedExperts, local: range, mesh: ParallelMesh) ->
         w13 = experts.w13[local.start:local.stop]
         w2 = experts.w2[local.start:local.stop]
         if size > 1:
-            w13 = take_etp_shard(w13, 2, W13_PARTS, rank, size)
+            w13 = take_etp_shard(w13, 2, experts.fused_parts, rank, size)
             w2 = take_etp_shard(w2, 1, 1, rank, size)
         experts.w13 = nn.Parameter(w13.clone())
         experts.w2 = nn.Parameter(w2.clone())
     for param in experts.parameters():
         mark_expert_param(param, offset=local.start)
     if size > 1:
-        mark_etp_shard(experts.w13, 2, W13_PARTS, rank, size)
+        mark_etp_shard(experts.w13, 2, experts.fused_parts, rank, size)
         mark_etp_shard(experts.w2, 1, 1, rank, size)
     experts.num_experts = len(local)
     experts.expert_offset = local.start

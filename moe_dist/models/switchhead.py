@@ -15,8 +15,9 @@ global ``h*E + e``, so one grouped GEMM over H*E experts runs each side. With W_
 k = 2 identical experts per head, both sides weigh the expert by sigmoid(0)*2 = 1 and the
 module equals dense multi-head attention with the same W_Q/W_K/W_V/W_O (tests/unit).
 
-SwitchAll adds a sigma-MoE MLP (ALGORITHMS.md section 2): sigmoid top-k gate without
-renormalisation plus the entropy regulariser ``-gamma * H(mean_t softmax(u_t))``. It is an
+SwitchAll makes every MLP a sigma-MoE (ALGORITHMS.md section 2; needs moe.every=1): sigmoid
+top-k gate without renormalisation, ReLU two-layer experts, expert dropout, and the entropy
+regulariser ``-gamma * H(mean_t softmax(u_t))`` over the data-parallel batch. It is an
 :class:`~moe_dist.moe.layer.MoELayer`, so expert parallelism shards it like any MoE MLP; the
 attention experts stay replicated (they are tiny; ALGORITHMS.md section 1(f)).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,11 @@ from torch import nn
 from moe_dist.config import ConfigError, MoEConfig, SwitchHeadConfig
 from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.transformer import apply_rotary, rotary_tables
-from moe_dist.moe.dispatch.permutation import PermuteState, permute, unpermute
-from moe_dist.moe.experts import grouped_matmul
+from moe_dist.moe import capacity as cap
+from moe_dist.moe.dispatch.permutation import PermuteState, count_per_expert, permute, unpermute
+from moe_dist.moe.experts import GroupedExperts, grouped_matmul
 from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.routing.result import RoutingResult
 from moe_dist.moe.stats import ExpertLoadStats
 
 
@@ -163,31 +167,79 @@ class StatsSlice(nn.Module):
 
 
 class SigmaMoELayer(MoELayer):
-    """sigma-MoE MLP: sigmoid top-k gate, raw gate values, entropy regulariser (no Switch loss).
+    """sigma-MoE MLP (ALGORITHMS.md section 2), per token x with logits ``u = x W_sel^T``:
 
-    The experts are the repository's SwiGLU experts (the paper's are ReLU two-layer MLPs).
-    The regulariser is computed on each rank's micro-batch, like the router losses of MoELayer.
+    1. scores ``s = sigmoid(u)`` (fp32);
+    2. training only, expert dropout: each ``s_e`` is set to 0 with probability delta (the
+       reference's full layer; its ``-inf`` variant can pick a ``-inf`` weight and give NaN);
+    3. ``I = top-K(s)`` and ``y = sum_{e in I} s_e * ReLU(x W1_e) W2_e``: the gathered weights are
+       the (masked) scores, never renormalised; no Switch loss, no shared expert;
+    4. training only, the entropy regulariser ``gamma * -H(p_bar)``, ``p_bar = mean_t
+       softmax(u_t)`` over the raw logits (before dropout), in log space. ``entropy_reduce_fn``
+       (injected by ``models/arch_parallel.py``; None on one process) makes the mean global over
+       the data-parallel ranks.
+
+    ``activation='swiglu'`` swaps in the repository's gated experts.
     """
 
-    def __init__(self, dim: int, ffn_dim: int, moe_cfg: MoEConfig, entropy_reg: float) -> None:
+    def __init__(self, dim: int, ffn_dim: int, moe_cfg: MoEConfig, entropy_reg: float,
+                 expert_dropout: float = 0.0, activation: str = "relu") -> None:
         router = dataclasses.replace(moe_cfg.router, type="sigmoid_topk", normalize_weights=False,
                                      aux_loss_coef=0.0, seq_aux_loss_coef=0.0, z_loss_coef=0.0,
                                      bias_update_rate=0.0)
         super().__init__(dim, ffn_dim, dataclasses.replace(moe_cfg, router=router))
+        if activation != "swiglu":
+            self.experts = GroupedExperts(self.num_experts, dim, self.expert_ffn_dim, moe_cfg.grouped_gemm,
+                                          activation=activation)
         self.entropy_reg = entropy_reg
+        self.expert_dropout = expert_dropout
+        self.entropy_reduce_fn: EntropyReduceFn | None = None
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out, losses = super().forward(x_BSD)
+    def route(self, x_TD: torch.Tensor, seq_len: int | None,
+              importance_T: torch.Tensor | None = None) -> RoutingResult:
+        logits_TE = self.router.logits(x_TD)  # [T, E] fp32
+        scores_TE = torch.sigmoid(logits_TE)
+        if self.training and self.expert_dropout > 0:
+            keep_TE = torch.rand_like(scores_TE) >= self.expert_dropout
+            scores_TE = torch.where(keep_TE, scores_TE, 0.0)
+        _, indices_TK = torch.topk(scores_TE.detach(), self.router.top_k, dim=-1, sorted=True)
+        weights_TK = scores_TE.gather(1, indices_TK)
+        tokens_per_expert = count_per_expert(indices_TK.flatten(), self.num_experts)
+        losses = {}
         if self.training and self.entropy_reg > 0:
-            losses = dict(losses)
-            losses["entropy_reg"] = self.entropy_reg * neg_entropy_of_mean(self.router.logits(x_BSD.flatten(0, 1)))
-        return out, losses
+            losses["entropy_reg"] = self.entropy_reg * neg_entropy_of_mean(logits_TE, self.entropy_reduce_fn)
+        routing = RoutingResult(indices_TK, weights_TK, None, scores_TE, tokens_per_expert, losses)
+        capacity = self.capacity_for(routing.num_tokens, routing.top_k, routing.tokens_per_expert)
+        if capacity is not None:
+            priority = routing.weights if self.cfg.capacity.drop_policy == "score" else None
+            kept = cap.apply_capacity(routing.indices, routing.valid, self.num_experts, capacity, priority)
+            routing.valid = kept
+            routing.weights = torch.where(kept, routing.weights, 0.0)
+        return routing
+
+    def flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """Forward FLOPs of one token: the router and K experts (2 matmuls for ReLU, 3 for SwiGLU)."""
+        dim = self.experts.dim
+        per_expert = 2 * (self.experts.fused_parts + 1) * dim * self.expert_ffn_dim
+        return {"router": 2.0 * dim * self.num_experts, "experts": float(self.router.top_k * per_expert),
+                "dense": 0.0}
 
 
-def neg_entropy_of_mean(logits_TE: torch.Tensor) -> torch.Tensor:
-    """``-H(p_bar)`` with ``p_bar = mean_t softmax(logits_t)``, in log space (fp32)."""
+EntropyReduceFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""``(log sum_t softmax(u_t) [E] over this rank's tokens, token count) -> the same two over the
+data-parallel group``, autograd-correct (``models/arch_parallel.py``)."""
+
+
+def neg_entropy_of_mean(logits_TE: torch.Tensor, reduce_fn: EntropyReduceFn | None = None) -> torch.Tensor:
+    """``-H(p_bar)`` with ``p_bar = mean_t softmax(logits_t)``, in log space (fp32); with
+    ``reduce_fn`` the mean runs over every rank's tokens."""
     num_tokens = logits_TE.shape[0]
-    log_p_bar = torch.logsumexp(F.log_softmax(logits_TE.float(), dim=-1), dim=0) - math.log(max(num_tokens, 1))
+    log_sum_E = torch.logsumexp(F.log_softmax(logits_TE.float(), dim=-1), dim=0)
+    if reduce_fn is None:
+        log_p_bar = log_sum_E - math.log(max(num_tokens, 1))
+    else:
+        log_sum_E, total = reduce_fn(log_sum_E, num_tokens)
+        log_p_bar = log_sum_E - total.clamp_min(1).log()
     return (log_p_bar.exp() * log_p_bar).sum()
 
 
@@ -196,14 +248,15 @@ class SwitchHeadTransformer(ArchTransformer):
 
     def install(self) -> None:
         cfg, model_cfg = self.model_cfg.switchhead, self.model_cfg
-        if cfg.switch_all and not self.moe_cfg.enabled:
-            raise ConfigError("model.switchhead.switch_all needs MoE MLPs: set moe.num_experts > 0 and "
-                              "moe.every >= 1 (every=1 makes every MLP a sigma-MoE)")
+        if cfg.switch_all and not (self.moe_cfg.num_experts > 0 and self.moe_cfg.every == 1):
+            raise ConfigError(f"model.switchhead.switch_all makes every MLP a sigma-MoE: set moe.every=1 "
+                              f"(got {self.moe_cfg.every}) and moe.num_experts > 0 (got {self.moe_cfg.num_experts})")
         for block in self.layers:
             block.attention = attention = SwitchHeadAttention(model_cfg.dim, cfg, model_cfg.n_heads,
                                                               self.moe_cfg.grouped_gemm)
             if cfg.switch_all and block.is_moe:
-                block.mlp = SigmaMoELayer(model_cfg.dim, model_cfg.ffn_dim, self.moe_cfg, cfg.entropy_reg)
+                block.mlp = SigmaMoELayer(model_cfg.dim, model_cfg.ffn_dim, self.moe_cfg, cfg.entropy_reg,
+                                          cfg.expert_dropout, cfg.expert_activation)
             if block.is_moe:  # one stats module per block: [V experts | O experts | MLP experts]
                 width = attention.stats.num_experts
                 block.load_stats = ExpertLoadStats(width + block.mlp.num_experts)

@@ -1,10 +1,12 @@
-"""SwiGLU experts evaluated as one grouped GEMM over expert-sorted tokens.
+"""SwiGLU (or ReLU) experts evaluated as one grouped GEMM over expert-sorted tokens.
 
 Input rows arrive sorted by expert with ``tokens_per_expert`` rows each (trailing rows past
 the sum are padding and come back as zeros). The fast path is ``torch._grouped_mm`` with
 device-side offsets (no host sync); the exact fallback loops over experts.
 
-Weights: ``w13[E, D, 2F]`` (gate and up projections fused) and ``w2[E, F, D]``.
+Weights: ``w13[E, D, 2F]`` (gate and up projections fused) and ``w2[E, F, D]``. With
+``activation='relu'`` (the sigma-MoE's two-layer experts, ``ReLU(x W1) W2``) ``w13`` holds only
+the up projection, ``[E, D, F]``: :attr:`GroupedExperts.fused_parts` says how many parts it fuses.
 """
 
 from __future__ import annotations
@@ -133,19 +135,26 @@ def _loop_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: tor
 
 
 class GroupedExperts(nn.Module):
-    """``num_experts`` SwiGLU experts; under EP this module holds only the local ones.
+    """``num_experts`` SwiGLU (default) or ReLU experts; under EP this module holds only the
+    local ones.
 
     ``expert_offset`` is the global id of local expert 0 (set by expert parallelism).
     """
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, backend: str = "auto") -> None:
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, backend: str = "auto",
+                 activation: str = "swiglu") -> None:
         super().__init__()
+        if activation not in ("swiglu", "relu"):
+            raise ValueError(f"expert activation {activation!r} is not 'swiglu' or 'relu'")
         self.num_experts = num_experts
         self.dim = dim
         self.ffn_dim = ffn_dim
         self.backend = backend
+        self.activation = activation
+        self.fused_parts = 2 if activation == "swiglu" else 1
+        """Projections fused along ``w13``'s last dim (gate and up for SwiGLU, up for ReLU)."""
         self.expert_offset = 0
-        self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * ffn_dim))
+        self.w13 = nn.Parameter(torch.empty(num_experts, dim, self.fused_parts * ffn_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.reset_parameters()
 
@@ -156,7 +165,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         x_ND = to_autocast_dtype(x_ND)
         h = grouped_matmul(x_ND, self.w13, tokens_per_expert, self.backend)
-        if _use_fast_kernels(h):
+        if self.activation == "relu":
+            act = F.relu(h)
+        elif _use_fast_kernels(h):
             act = expert_ops.swiglu(h)  # one fused pass forward and backward
         else:
             gate, up = h.chunk(2, dim=-1)
@@ -165,7 +176,7 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, "
-                f"offset={self.expert_offset}, backend={self.backend}")
+                f"offset={self.expert_offset}, backend={self.backend}, activation={self.activation}")
 
 
 def init_std_for_output(std: float, n_layers: int) -> float:

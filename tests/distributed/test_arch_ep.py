@@ -3,9 +3,10 @@
 Each rank trains 2 AdamW steps on its own micro-batch of a global batch of 2; the reference
 trains the same model in the pytest process on both micro-batches (loss / 2 each). Compared:
 every micro-batch loss, the global grad norm, every gradient (expert shards against the slice of
-the reference's full tensor) and the final parameters. Sharded: SwitchAll's sigma-MoE experts,
-PEER's expert tables (rows fetched from their owner), MH-MoE's sub-token experts and the
-stratified pool (passes agreed with a MIN all-reduce).
+the reference's full tensor) and the final parameters. SwitchAll's entropy regulariser is global
+over dp, so its reference runs one forward on the union of the micro-batches. Sharded: SwitchAll's
+sigma-MoE experts (ReLU), PEER's expert tables (rows fetched from their owner), MH-MoE's sub-token
+experts and the stratified pool (passes agreed with a MIN all-reduce).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def micro_loss(model, tokens: torch.Tensor) -> torch.Tensor:
     return loss + sum(out.losses.values())
 
 
+def union_losses(model, tokens_RBS: torch.Tensor) -> list[torch.Tensor]:
+    """Each rank's loss when the model's losses are global over the ranks' micro-batches."""
+    out = model(tokens_RBS.flatten(0, 1)[:, :-1])
+    logits = out.logits.view(DP, MICRO, SEQ, -1)
+    extra = sum(out.losses.values())
+    return [torch.nn.functional.cross_entropy(logits[r].flatten(0, 1), tokens_RBS[r, :, 1:].flatten()) + extra
+            for r in range(DP)]
+
+
 @dataclass
 class Record:
     losses: list[list[float]] = field(default_factory=list)
@@ -78,11 +88,16 @@ def run_reference(name: str) -> Record:
     rec, data = Record(), batches()
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        losses = []
-        for r in range(DP):
-            loss = micro_loss(model, data[step, r])
-            (loss / DP).backward()
-            losses.append(loss.item())
+        if name == "switchall":  # its entropy regulariser is global over dp: one forward on the union
+            losses = union_losses(model, data[step])
+            (sum(losses) / DP).backward()
+            losses = [loss.item() for loss in losses]
+        else:
+            losses = []
+            for r in range(DP):
+                loss = micro_loss(model, data[step, r])
+                (loss / DP).backward()
+                losses.append(loss.item())
         rec.losses.append(losses)
         rec.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item())
         rec.grads.append(_snapshot(model))
