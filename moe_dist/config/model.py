@@ -168,8 +168,43 @@ class MoAConfig:
 
 
 @dataclass(kw_only=True)
+class HMoEConfig:
+    """Heterogeneous MoE (model.arch=hmoe; Wang et al. 2024, arXiv 2408.10681): the experts of
+    one layer have different FFN widths; a softmax top-k router (moe.router.top_k) picks them and
+    the paper's P-Penalty loss steers tokens toward the small ones (docs/architectures.md)."""
+
+    widths: list[int] = field(default_factory=list)
+    """FFN width of every expert, moe.num_experts entries. Empty derives a geometric schedule:
+    width_i proportional to ratio**i, scaled so the mean width is moe.expert_ffn_dim (rounded to
+    multiples of 8), i.e. the same mean FLOPs per routed token as the homogeneous layer."""
+    ratio: float = 2.0
+    """Ratio between neighbouring widths of the derived geometric schedule (1.0 = homogeneous).
+    Unused when widths is set."""
+    p_penalty_coef: float = 0.01
+    """Weight of the P-Penalty loss E * sum_i (w_i / mean w) * f_i * P_i (f_i: share of routed
+    assignments, P_i: mean router probability). 0 disables it."""
+    balance_coef: float = 0.0
+    """Weight of the usual Switch balance loss E * sum_i f_i * P_i (the paper notes it pushes
+    tokens toward large experts and replaces it). 0 disables it."""
+    entropy_coef: float = 0.0
+    """Weight of the router entropy loss mean_t -sum_i p_ti log p_ti (the paper's companion of
+    Top-P routing; here with top-k). 0 disables it."""
+    gemm: Literal["by_width", "padded", "per_expert"] = "by_width"
+    """Expert compute: one grouped GEMM per width group ('by_width', measured fastest), one
+    grouped GEMM with every expert zero-padded to the largest width ('padded'), or one matmul
+    per expert ('per_expert'). All three compute the same function."""
+
+    def __post_init__(self) -> None:
+        require(all(w >= 1 for w in self.widths), f"model.hmoe.widths ({self.widths}) must be positive")
+        require(self.ratio >= 1.0, f"model.hmoe.ratio ({self.ratio}) must be >= 1")
+        require(min(self.p_penalty_coef, self.balance_coef, self.entropy_coef) >= 0,
+                 f"model.hmoe loss coefficients ({self.p_penalty_coef}, {self.balance_coef}, "
+                 f"{self.entropy_coef}) must be >= 0 (0 disables)")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
-    arch: Literal["transformer", "switchhead", "peer", "mh_moe", "stratified", "moa"] = "transformer"
+    arch: Literal["transformer", "switchhead", "peer", "mh_moe", "stratified", "moa", "hmoe"] = "transformer"
     """Model family. 'transformer' is the decoder-only LM with (optionally) MoE MLPs; the
     others swap in a seed architecture (see docs/architectures.md)."""
     vocab_size: int = 0
@@ -211,6 +246,8 @@ class ModelConfig:
     """Options of model.arch=mh_moe."""
     stratified: StratifiedConfig = field(default_factory=StratifiedConfig)
     """Options of model.arch=stratified."""
+    hmoe: HMoEConfig = field(default_factory=HMoEConfig)
+    """Options of model.arch=hmoe."""
     moa: MoAConfig = field(default_factory=MoAConfig)
     """Options of model.arch=moa."""
 

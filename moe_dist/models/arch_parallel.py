@@ -51,6 +51,7 @@ from torch import nn
 
 from moe_dist.distributed import comms
 from moe_dist.distributed.param_tags import mark_expert_param
+from moe_dist.models.hmoe_parallel import apply_hmoe_ep
 from moe_dist.models.peer import PEERLayer
 from moe_dist.models.stratified import StratifiedMoELayer
 from moe_dist.models.switchhead import SigmaMoELayer
@@ -180,4 +181,5 @@ def apply_arch_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
     """The research architectures' parallel pieces (a no-op for the plain Transformer)."""
     apply_peer_ep(model, mesh)
     apply_stratified_agreement(model, mesh)
+    apply_hmoe_ep(model, mesh)  # HMoE: experts placed by width (models/hmoe_parallel.py)
     apply_global_entropy(model, mesh)

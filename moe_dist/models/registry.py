@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from moe_dist.config import ConfigError, ModelConfig, MoEConfig
+from moe_dist.models.hmoe import HMoETransformer
 from moe_dist.models.mh_moe import MHMoETransformer
 from moe_dist.models.moa import MoATransformer
 from moe_dist.models.peer import PEERTransformer
@@ -18,6 +19,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "peer": PEERTransformer,
     "mh_moe": MHMoETransformer,
     "stratified": StratifiedTransformer,
+    "hmoe": HMoETransformer,
     "moa": MoATransformer,
 }
 """The research architectures; 'transformer' is the plain decoder LM."""

@@ -30,6 +30,7 @@ ARCHS = {
                        "model.peer.query_dim=8"],
     "mh_moe": ["model.arch=mh_moe"],
     "stratified": ["model.arch=stratified", "model.stratified.strata=[2,2]"],
+    "hmoe": ["model.arch=hmoe", "model.hmoe.widths=[8,16,16,24]", "model.hmoe.entropy_coef=0.01"],
     "moa": ["model.arch=moa"],
 }
 
