@@ -41,7 +41,13 @@ def micro_loss(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _grads(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    # numpy, not tensors: torch shares tensor storage between processes through file descriptors
+    # that die with the rank.
+    return {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _params(model) -> dict:
+    return {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
 
 
 def run_reference() -> dict:
@@ -59,7 +65,7 @@ def run_reference() -> dict:
         rec["norms"].append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item())
         rec["grads"].append(_grads(model))
         opt.step()
-    rec["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec["params"] = _params(model)
     return rec
 
 
@@ -85,7 +91,7 @@ def _rank_body(rank: int, world_size: int) -> dict:
         rec["norms"].append(plan.clip_grad_norm_(1e9).item())
         rec["grads"].append(_grads(model))
         opt.step()
-    rec["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec["params"] = _params(model)
     plan.reducer.remove_hooks()
     return rec
 
@@ -109,9 +115,9 @@ def test_moa_with_moe_mlps_ep_parity_dp2_ep2():
             for name, grad in rec["grads"][step].items():
                 want = ref["grads"][step][name]
                 want = _shard(want, grad, rec["ep_rank"]) if name in experts else want
-                torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
+                torch.testing.assert_close(torch.from_numpy(grad), torch.from_numpy(want), rtol=1e-4, atol=1e-6,
                                            msg=lambda m: f"rank {rank} step {step} grad {name}: {m}")
         for name, param in rec["params"].items():
             want = ref["params"][name]
             want = _shard(want, param, rec["ep_rank"]) if name in experts else want
-            torch.testing.assert_close(param, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(torch.from_numpy(param), torch.from_numpy(want), rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
