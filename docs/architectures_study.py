@@ -24,7 +24,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "dense": ("configs/tiny.yaml", ["moe.every=0"]),
     "moe_top2": ("configs/tiny.yaml", []),
     "switchhead": ("configs/switchhead.yaml", []),
-    "switchall": ("configs/switchhead.yaml", ["model.switchhead.switch_all=true"]),
+    "switchall": ("configs/switchhead.yaml", ["model.switchhead.switch_all=true", "moe.every=1"]),
     "peer": ("configs/peer.yaml", []),
     "mh_moe": ("configs/mh_moe.yaml", []),
     "stratified": ("configs/stratified.yaml", []),
