@@ -120,4 +120,5 @@ def test_moa_with_moe_mlps_ep_parity_dp2_ep2():
         for name, param in rec["params"].items():
             want = ref["params"][name]
             want = _shard(want, param, rec["ep_rank"]) if name in experts else want
-            torch.testing.assert_close(torch.from_numpy(param), torch.from_numpy(want), rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(torch.from_numpy(param), torch.from_numpy(want), rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
