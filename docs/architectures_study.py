@@ -28,6 +28,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "peer": ("configs/peer.yaml", []),
     "mh_moe": ("configs/mh_moe.yaml", []),
     "stratified": ("configs/stratified.yaml", []),
+    "moa": ("configs/moa.yaml", []),
 }
 
 
