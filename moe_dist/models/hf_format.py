@@ -32,7 +32,7 @@ import torch
 
 from moe_dist.config import ConfigError, ModelConfig, MoEConfig
 
-NO_COUNTERPART = ("switchhead", "peer", "mh_moe", "stratified")
+NO_COUNTERPART = ("switchhead", "peer", "mh_moe", "stratified", "moa")
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,9 @@ def export_target(model: ModelConfig, moe: MoEConfig) -> HFTarget:
     """The HF class and config.json for this model, or a ConfigError saying why there is none."""
     if model.arch in NO_COUNTERPART:
         raise ConfigError(f"cannot export model.arch={model.arch!r}: transformers has no model with its layers "
-                          "(SwitchHead attention experts, PEER product-key experts, MH-MoE sub-tokens and "
-                          "Stratified MoE have no counterpart); only model.arch=transformer exports")
+                          "(SwitchHead attention experts, PEER product-key experts, MH-MoE sub-tokens, "
+                          "Stratified MoE and MoA attention experts have no counterpart); only "
+                          "model.arch=transformer exports")
     if model.vocab_size <= 0:
         raise ConfigError("cannot export: model.vocab_size is unresolved (0) in the checkpoint's config")
     common = {

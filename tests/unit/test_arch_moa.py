@@ -135,3 +135,10 @@ def test_bad_sizes_are_refused():
         MoAAttention(DIM, MoAConfig(top_k=4), 2)  # derived E = 3 < 4
     with pytest.raises(ConfigError, match="even"):
         MoAConfig(head_dim=3)
+
+
+def test_export_to_hugging_face_is_refused():
+    from moe_dist.models.hf_format import export_target
+
+    with pytest.raises(ConfigError, match="model.arch='moa'.*MoA"):
+        export_target(ModelConfig(arch="moa", vocab_size=32), MoEConfig())

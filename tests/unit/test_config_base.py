@@ -33,7 +33,7 @@ def test_bad_bases_are_named(tmp_path):
         load_config(tmp_path / "d.yaml")
 
 
-@pytest.mark.parametrize("name", ["mh_moe", "peer", "stratified", "switchhead"])
+@pytest.mark.parametrize("name", ["mh_moe", "moa", "peer", "stratified", "switchhead"])
 def test_seed_architecture_configs_are_tiny_plus_their_changes(name):
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     assert raw["base"] == "tiny.yaml"
