@@ -117,3 +117,28 @@ def test_switch_all_flops_count_relu_experts():
     d, k, g, layers = 32, 2, 16, 2
     assert model.flops_per_token(16).experts == pytest.approx(3 * layers * k * 2 * 2 * d * g)
     assert swiglu.flops_per_token(16).experts == pytest.approx(3 * layers * k * 2 * 3 * d * g)
+
+
+def test_relu_experts_split_over_etp_as_one_fused_part():
+    """apply_ep's etp slicing takes ReLU experts' w13 as one part: the etp ranks' partial outputs
+    (column block of the up projection, row block of w2) sum to the full experts' output."""
+    from moe_dist.distributed.mesh import MeshLayout, ParallelMesh
+    from moe_dist.distributed.param_tags import etp_blocks
+    from moe_dist.models.expert_parallel import _shard_experts
+    from moe_dist.moe.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    full = GroupedExperts(E, D, G, activation="relu")
+    x, counts = torch.randn(9, D), torch.tensor([3, 2, 0, 4])
+    want = full(x, counts)
+    total = torch.zeros_like(want)
+    for rank in range(2):
+        shard = GroupedExperts(E, D, G, activation="relu")
+        shard.load_state_dict(full.state_dict())
+        mesh = ParallelMesh(layout=MeshLayout(world_size=2, dp=2, tp=1, ep=1, etp=2), rank=rank)
+        _shard_experts(shard, range(E), mesh)
+        assert shard.w13.shape == (E, D, G // 2) and shard.ffn_dim == G // 2
+        assert etp_blocks(G, 1, rank, 2) == [(rank * G // 2, G // 2)]
+        torch.testing.assert_close(shard.w13, full.w13[:, :, rank * G // 2:(rank + 1) * G // 2])
+        total += shard(x, counts)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
