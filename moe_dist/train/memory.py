@@ -33,11 +33,11 @@ residual stream), the tensors autograd keeps for backward:
 * dense SwiGLU MLP: norm input ``4h``; cast input, gate, up, activation, product: ``(h + 4f)*a``;
 * MoE MLP: norm input ``4h``; cast input ``h*a``; router logits and probabilities ``8E``; per
   routed copy the permuted row, gate/up, activation, product and expert output:
-  ``k*(2h + 4f_e)*a``; shared experts like a dense MLP of width ``f_e * shared``. With expert
-  tensor parallelism (``etp``) a rank computes the rows of its whole etp group (all-gathered) on
-  its ``f_e/etp`` columns, so per routed copy it keeps ``etp`` input rows, ``4f_e`` of
-  intermediates (``etp`` rows of ``4f_e/etp``) and one (reduce-scattered) output row:
-  ``k*((etp + 1)*h + 4f_e)*a``;
+  ``k*(2h + 4f_e)*a`` (``2f_e`` for ReLU experts: up and ReLU); shared experts like a dense
+  MLP of width ``f_e * shared``. With expert tensor parallelism (``etp``) a rank computes the
+  rows of its whole etp group (all-gathered) on its ``f_e/etp`` columns, so per routed copy it
+  keeps ``etp`` input rows, ``4f_e`` of intermediates (``etp`` rows of ``4f_e/etp``) and one
+  (reduce-scattered) output row: ``k*((etp + 1)*h + 4f_e)*a``;
 * output: final norm ``4h``, logits and their gradient ``2V*a``.
 
 ``activation_checkpointing``: ``full`` keeps only each block's input (``4h``) and recomputes one
@@ -161,7 +161,9 @@ def _activation_bytes_per_token(cfg: Config, model: nn.Module, act_bytes: int, c
             k, etp = cfg.moe.router.top_k, cfg.parallel.etp
             f_e = mlp.expert_ffn_dim
             rows = (etp + 1) * dim  # etp gathered input rows (1 without etp), one output row
-            routed = k * (rows + 4 * f_e) * act_bytes
+            # SwiGLU keeps gate/up, activation and product (4 f_e); ReLU experts up and ReLU (2 f_e)
+            intermediates = 2 * getattr(mlp.experts, "fused_parts", 2) * f_e
+            routed = k * (rows + intermediates) * act_bytes
             if checkpointing == "selective":  # the experts keep their input rows and output rows
                 routed = k * rows * act_bytes
             shared = (dim + 4 * f_e * cfg.moe.num_shared_experts) * act_bytes if cfg.moe.num_shared_experts else 0
