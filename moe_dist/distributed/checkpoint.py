@@ -25,6 +25,10 @@ stride=...)``: no communication, the storage is shared). DCP turns that into a c
   read one chunk per box (views of the local shard: a load fills it in place). On disk it is the
   same global tensor in more chunks, so an ``ep=2 x etp=2`` checkpoint loads in one process and
   the other way round.
+* whole experts (tagged ``_moe_whole_expert``: HMoE's width-placed experts, one tensor per expert
+  under its single-process name, each held by one ep rank): a plain tensor written by its owner.
+  A rank reads the experts it owns at the new layout; the names it does not hold are listed by
+  the module (``state_names_elsewhere()``) so :func:`check_fits` does not call them unexpected.
 * everything else (dense weights, buffers, AdamW's ``step``): a plain tensor, i.e. replicated.
 
 Under FSDP2 (``parallel.fsdp``, ``models/fsdp.py``) parameters and AdamW's slots are DTensors
@@ -77,6 +81,7 @@ from moe_dist.distributed.param_tags import (
     expert_offset,
     is_expert_param,
     is_tp_sharded,
+    is_whole_expert,
     tp_shard_dim,
 )
 
@@ -126,7 +131,9 @@ class ShardSpec:
 
 
 def shard_spec(param: torch.Tensor, mesh: ParallelMesh) -> ShardSpec | None:
-    """The sharding of a parameter on this mesh; None when it is replicated."""
+    """The sharding of a parameter on this mesh; None when it is replicated (or a whole expert)."""
+    if is_whole_expert(param):
+        return None
     if is_expert_param(param) and etp_shard(param) is not None:
         return ShardSpec("ep", 0, mesh.ep_rank, mesh.ep_size, etp=etp_shard(param))
     if is_expert_param(param) and mesh.ep_size > 1:
@@ -141,7 +148,7 @@ def shard_spec(param: torch.Tensor, mesh: ParallelMesh) -> ShardSpec | None:
 def _check_expert_offsets(model: nn.Module, mesh: ParallelMesh) -> None:
     """DCP places block r at offset r*rows; every expert shard must really be laid out that way."""
     for name, param in model.named_parameters():
-        if not is_expert_param(param):
+        if not is_expert_param(param) or is_whole_expert(param):
             continue
         rows = param.shape[0]
         expected = mesh.ep_rank * rows if mesh.ep_size > 1 else 0
@@ -204,6 +211,8 @@ class ShardedState:
     specs: dict[str, ShardSpec | None]
     sources: dict[str, torch.Tensor] = field(default_factory=dict)
     boxes: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = field(default_factory=dict)
+    elsewhere: set[str] = field(default_factory=set)
+    """Model keys held by another rank only (whole experts placed elsewhere)."""
 
     def add(self, key: str, tensor: torch.Tensor, spec: ShardSpec | None) -> None:
         self.expected[key] = spec.global_shape(tensor.shape) if spec else tuple(tensor.shape)
@@ -228,6 +237,10 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
     _check_expert_offsets(model, mesh)
     model_state: dict[str, torch.Tensor] = {}
     sharded = ShardedState({MODEL: model_state}, {}, {})
+    for fqn, module in model.named_modules():
+        if hasattr(module, "state_names_elsewhere"):
+            sharded.elsewhere.update(f"{MODEL}.{fqn}.{n}" if fqn else f"{MODEL}.{n}"
+                                     for n in module.state_names_elsewhere())
     for name, tensor in model.state_dict(keep_vars=True).items():
         spec = shard_spec(tensor, mesh) if isinstance(tensor, nn.Parameter) else None
         model_state[name] = _as_global(tensor, spec, mesh)
@@ -313,8 +326,10 @@ def verify_coverage(metadata: Metadata, expected: dict[str, tuple[int, ...]], so
                               f"problem(s)); do not resume from it:\n  {listed}")
 
 
-def check_fits(metadata: Metadata, expected: dict[str, tuple[int, ...]], source: str) -> None:
-    """Before loading: name every model tensor that is missing, unexpected or of another shape."""
+def check_fits(metadata: Metadata, expected: dict[str, tuple[int, ...]], source: str,
+               elsewhere: set[str] | frozenset[str] = frozenset()) -> None:
+    """Before loading: name every model tensor that is missing, unexpected or of another shape
+    (``elsewhere``: keys another rank holds, not unexpected)."""
     problems = []
     for key, shape in expected.items():
         entry = metadata.state_dict_metadata.get(key)
@@ -325,7 +340,8 @@ def check_fits(metadata: Metadata, expected: dict[str, tuple[int, ...]], source:
         elif tuple(entry.size) != shape:
             problems.append(f"tensor {key}: checkpoint shape {tuple(entry.size)} != model shape {shape}")
     prefix = f"{MODEL}."
-    for key in sorted(k for k in metadata.state_dict_metadata if k.startswith(prefix) and k not in expected):
+    for key in sorted(k for k in metadata.state_dict_metadata if k.startswith(prefix) and k not in expected
+                      and k not in elsewhere):
         problems.append(f"unexpected tensor {key} in checkpoint")
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
@@ -333,13 +349,17 @@ def check_fits(metadata: Metadata, expected: dict[str, tuple[int, ...]], source:
                               f"was it written with another config?\n  {listed}")
 
 
-def _optim_slots(metadata: Metadata, params: dict[str, nn.Parameter]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """``{fqn: {slot: global shape}}`` of the optimizer state stored in the checkpoint."""
+def _optim_slots(metadata: Metadata, params: dict[str, nn.Parameter],
+                 elsewhere: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{fqn: {slot: global shape}}`` of the optimizer state stored in the checkpoint (parameters
+    that another rank holds, ``elsewhere`` as model keys, are skipped)."""
     prefix = f"{OPTIM}.state."
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     stored = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
     for key, entry in stored.items():
         fqn, _, slot = key[len(prefix):].rpartition(".")
+        if f"{MODEL}.{fqn}" in elsewhere:
+            continue
         if fqn not in params:
             raise CheckpointError(f"checkpoint holds optimizer state {key} for a parameter the model "
                                   f"lacks ({fqn}); was it written with another config?")
@@ -408,11 +428,12 @@ def load_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch
                              mesh: ParallelMesh) -> None:
     """Collective over every rank: read this rank's slices of a checkpoint written at any layout."""
     metadata = read_metadata(directory)
-    check_fits(metadata, build_state(model, None, mesh).expected, str(directory))  # model first: clearer
+    model_only = build_state(model, None, mesh)
+    check_fits(metadata, model_only.expected, str(directory), model_only.elsewhere)  # model first: clearer
     params = _named_params(model)
-    slots = _optim_slots(metadata, params) if optimizer is not None else None
+    slots = _optim_slots(metadata, params, model_only.elsewhere) if optimizer is not None else None
     sharded = build_state(model, optimizer, mesh, optim_slots=slots)
-    check_fits(metadata, sharded.expected, str(directory))
+    check_fits(metadata, sharded.expected, str(directory), sharded.elsewhere)
     if optimizer is not None and len(optimizer.param_groups) != _count_groups(metadata):
         raise CheckpointError(f"checkpoint {directory} has {_count_groups(metadata)} optimizer param groups, "
                               f"the optimizer {len(optimizer.param_groups)}; was it written with another config?")

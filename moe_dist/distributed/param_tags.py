@@ -12,6 +12,10 @@ clipping and checkpoints (this package) read only the tags, never the model clas
   up halves: 2; w2: 1), and each part is split in ``etp`` contiguous blocks: etp rank r holds
   block r of every part, concatenated (:func:`etp_blocks`, :func:`take_etp_shard`). Reduced over
   edp like any expert, norm summed over ep and etp, written to checkpoints as one box per part.
+* **whole expert** (:func:`mark_whole_expert`): an expert parameter that is one expert's whole
+  tensor under its single-process name, held by one ep rank only (HMoE's width-placed experts,
+  ``models/hmoe_parallel.py``). Reduced over edp, norm summed over ep, written to checkpoints as a
+  plain tensor by its owner, so the saved layout does not depend on ep.
 * **tp shard** (``_tp_sharded`` + ``_tp_shard_dim``): split over the tp group along one dim;
   reduced over dp only, norm summed over tp.
 * **tp partial gradient** (``_tp_partial_grad``): replicated over tp, but each tp rank saw only its
@@ -28,6 +32,7 @@ import torch
 
 EXPERT = "_moe_expert"
 EXPERT_OFFSET = "_moe_expert_offset"
+WHOLE_EXPERT = "_moe_whole_expert"
 TP_SHARDED = "_tp_sharded"
 TP_SHARD_DIM = "_tp_shard_dim"
 TP_PARTIAL_GRAD = "_tp_partial_grad"
@@ -41,6 +46,16 @@ def mark_expert_param(param: torch.Tensor, offset: int = 0) -> None:
     """Tag ``param`` as an expert shard whose row 0 is global row ``offset`` along dim 0."""
     setattr(param, EXPERT, True)
     setattr(param, EXPERT_OFFSET, offset)
+
+
+def mark_whole_expert(param: torch.Tensor) -> None:
+    """Tag ``param`` as one expert's whole tensor, held by one ep rank (see the module docstring)."""
+    mark_expert_param(param)
+    setattr(param, WHOLE_EXPERT, True)
+
+
+def is_whole_expert(param: torch.Tensor) -> bool:
+    return bool(getattr(param, WHOLE_EXPERT, False))
 
 
 def is_expert_param(param: torch.Tensor) -> bool:

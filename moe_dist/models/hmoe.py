@@ -118,6 +118,11 @@ class HMoELayer(nn.Module):
         self.register_buffer("width_seen", torch.zeros(()), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros(()), persistent=False)
 
+    def state_names_elsewhere(self) -> list[str]:
+        """State-dict names (relative to this module) of the experts another ep rank holds."""
+        held = set(self.experts)
+        return [f"experts.{e}.{w}" for e in range(self.num_experts) if str(e) not in held for w in ("w13", "w2")]
+
     # Local expert compute -----------------------------------------------------------------
     def local_ids(self) -> list[int]:
         """The experts this module holds, in compute order: by (width, global id)."""

@@ -17,9 +17,10 @@ rank 0 routed to expert 1 travels to rank 1 and its output comes back.
 
 Parameters keep their single-process names (``...experts.<global id>.w13``): a rank holds a
 subset, tagged as expert parameters (gradients reduced over edp, norm summed over ep).
-Checkpoints under ep > 1 are not supported: the checkpoint writer treats an expert parameter as an
-ep row-block of one global tensor, which per-expert tensors are not, and refuses it with a
-CheckpointError (expert-offset check). ep = 1 checkpoints are ordinary.
+They are tagged whole experts (``mark_whole_expert``): a checkpoint holds every expert under its
+single-process name, written by its owner, so the saved layout does not depend on ep and a run
+resumes at another ep (each rank reads the experts it owns there; ``HMoELayer.
+state_names_elsewhere`` names the rest so the load check accepts them).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from moe_dist.distributed import comms
-from moe_dist.distributed.param_tags import mark_expert_param
+from moe_dist.distributed.param_tags import mark_whole_expert
 from moe_dist.models.hmoe import HMoELayer, place_experts
 
 if TYPE_CHECKING:
@@ -89,5 +90,5 @@ def apply_hmoe_ep(model: nn.Module, mesh: ParallelMesh) -> int:
                     del layer.experts[str(e)]
             layer.exchange = WidthPlacedExchange(placement, mesh.ep_group, mesh.ep_rank)
         for param in layer.experts.parameters():
-            mark_expert_param(param)
+            mark_whole_expert(param)
     return len(layers)

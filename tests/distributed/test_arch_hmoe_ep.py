@@ -1,7 +1,11 @@
 """HMoE under dp=2 x ep=2 on gloo against its single-process twin (the pattern of
 test_arch_ep.py): losses, grad norms, every gradient and the final parameters. The experts are
 placed by width (widths [8, 8, 16, 32]: rank 0 owns expert 3, rank 1 experts 0-2), so each rank
-holds a subset of the reference's per-expert parameters under the same names."""
+holds a subset of the reference's per-expert parameters under the same names.
+
+Checkpoints: a single-process checkpoint loads at ep=2 (each rank reads the experts it owns,
+weights and AdamW slots) and an ep=2 checkpoint loads in one process (every expert, from the
+rank that wrote it): the saved layout does not depend on ep."""
 
 from __future__ import annotations
 
@@ -87,3 +91,67 @@ def test_hmoe_ep_parity_dp2_ep2():
                                        rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} final {pname}: {m}")
     # every reference parameter lives on some rank
     assert set(ref.params) == set(ranks[0].params) | set(ranks[1].params)
+
+
+def _train(model, mesh, plan, steps: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    data = batches()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        micro_loss(model, data[step, mesh.dp_rank]).backward()
+        plan.finish_gradient_sync()
+        opt.step()
+    return opt
+
+
+def _ckpt_body(rank: int, world_size: int, root: str) -> dict:
+    from pathlib import Path
+
+    from moe_dist.config import ParallelConfig
+    from moe_dist.distributed.checkpoint import load_model_and_optimizer, save_model_and_optimizer
+    from moe_dist.distributed.mesh import build_mesh
+    from moe_dist.train.plan import parallelize
+
+    parallel = ParallelConfig(dp=DP, ep=2)
+    mesh = build_mesh(parallel, world_size, "cpu")
+    # (1) train one step at ep=2 and save
+    model = build_hmoe()
+    plan = parallelize(model, mesh, parallel)
+    opt = _train(model, mesh, plan, 1)
+    save_model_and_optimizer(Path(root) / "ep2", model, opt, mesh)
+    plan.reducer.remove_hooks()
+    # (2) load the single-process checkpoint at ep=2
+    fresh = build_hmoe()
+    fresh_plan = parallelize(fresh, mesh, parallel)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=LR, foreach=False)
+    load_model_and_optimizer(Path(root) / "ep1", fresh, fresh_opt, mesh)
+    fresh_plan.reducer.remove_hooks()
+    return {"saved": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
+            "loaded": {n: p.detach().numpy().copy() for n, p in fresh.named_parameters()},
+            "loaded_exp_avg": {n: fresh_opt.state[p]["exp_avg"].numpy().copy() for n, p in fresh.named_parameters()}}
+
+
+def test_hmoe_checkpoint_layout_is_independent_of_ep(tmp_path):
+    from moe_dist.distributed.checkpoint import load_model_and_optimizer, save_model_and_optimizer
+    from moe_dist.distributed.mesh import ParallelMesh
+
+    # A single-process checkpoint after one step on micro-batch 0 (ranks load it at ep=2).
+    single = build_hmoe()
+    opt = torch.optim.AdamW(single.parameters(), lr=LR, foreach=False)
+    opt.zero_grad()
+    micro_loss(single, batches()[0, 0]).backward()
+    opt.step()
+    save_model_and_optimizer(tmp_path / "ep1", single, opt, ParallelMesh.single())
+    ranks = run_distributed(_ckpt_body, 2, str(tmp_path), timeout=240)
+    params = dict(single.named_parameters())
+    for rec in ranks:  # every rank holds a subset of the single-process names, same values
+        for name, value in rec["loaded"].items():
+            torch.testing.assert_close(torch.from_numpy(value), params[name].detach())
+            torch.testing.assert_close(torch.from_numpy(rec["loaded_exp_avg"][name]), opt.state[params[name]]["exp_avg"])
+    # The ep=2 checkpoint loads in one process: every expert, from whichever rank wrote it.
+    whole = build_hmoe()
+    load_model_and_optimizer(tmp_path / "ep2", whole, None, ParallelMesh.single())
+    saved = {**ranks[0]["saved"], **ranks[1]["saved"]}
+    assert set(saved) == {n for n, _ in whole.named_parameters()}
+    for name, param in whole.named_parameters():
+        torch.testing.assert_close(param.detach(), torch.from_numpy(saved[name]), msg=lambda m: f"{name}: {m}")
