@@ -32,7 +32,7 @@ import torch
 
 from moe_dist.config import ConfigError, ModelConfig, MoEConfig
 
-NO_COUNTERPART = ("switchhead", "peer", "mh_moe", "stratified", "moa")
+NO_COUNTERPART = ("switchhead", "peer", "mh_moe", "stratified", "moa", "hmoe")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ def export_target(model: ModelConfig, moe: MoEConfig) -> HFTarget:
     if model.arch in NO_COUNTERPART:
         raise ConfigError(f"cannot export model.arch={model.arch!r}: transformers has no model with its layers "
                           "(SwitchHead attention experts, PEER product-key experts, MH-MoE sub-tokens, "
-                          "Stratified MoE and MoA attention experts have no counterpart); only "
+                          "Stratified MoE, MoA attention experts and HMoE's experts of different widths have no "
+                          "counterpart); only "
                           "model.arch=transformer exports")
     if model.vocab_size <= 0:
         raise ConfigError("cannot export: model.vocab_size is unresolved (0) in the checkpoint's config")

@@ -108,3 +108,10 @@ def test_model_losses_flops_and_errors():
         3 * sum(6 * d * b.mlp.active_width() for b in model.layers))
     with pytest.raises(ConfigError, match="no shared experts"):
         build(model_cfg, MoEConfig(num_experts=4, num_shared_experts=1))
+
+
+def test_export_to_transformers_is_refused():
+    from moe_dist.models.hf_format import export_target
+
+    with pytest.raises(ConfigError, match="model.arch='hmoe'.*different widths"):
+        export_target(ModelConfig(arch="hmoe", vocab_size=32), MoEConfig(num_experts=4))
