@@ -60,6 +60,7 @@ from torch import nn
 from moe_dist.config import Config
 from moe_dist.data.tokenizer import nominal_vocab_size
 from moe_dist.distributed.mesh import MeshLayout
+from moe_dist.models.hmoe import HMoELayer, place_experts
 from moe_dist.models.registry import build_model
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer
@@ -123,9 +124,17 @@ def _shard_counts(model: nn.Module, layout: MeshLayout) -> tuple[int, int, int]:
                   {id(m.up.weight) for m in model.modules() if hasattr(m, "set_table_lookup")}
     moe_mlps = {name for name, m in model.named_modules() if isinstance(m, MoELayer)}
     total = dense = experts = 0
+    hetero_ids: set[int] = set()  # HMoE experts: the busiest rank of the width placement
+    for m in model.modules():
+        if isinstance(m, HMoELayer):
+            sizes = [sum(p.numel() for p in m.experts[str(e)].parameters()) for e in range(m.num_experts)]
+            experts += max(sum(sizes[e] for e in ids) for ids in place_experts(m.widths, layout.ep))
+            hetero_ids |= {id(p) for p in m.experts.parameters()}
     for name, param in {n: p for n, p in model.named_parameters()}.items():
         numel = param.numel()
         total += numel
+        if id(param) in hetero_ids:
+            continue
         if id(param) in expert_ids:
             experts += numel // (layout.ep * layout.etp)
         elif id(param) in peer_tables:
@@ -191,6 +200,8 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     total, dense, experts = _shard_counts(model, layout)
     routed = sum(p.numel() * (1 - min(cfg.moe.router.top_k, m.num_experts) / m.num_experts)
                  for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    routed += sum(p.numel() * (1 - min(m.top_k, m.num_experts) / m.num_experts)  # HMoE, uniform routing
+                  for m in model.modules() if isinstance(m, HMoELayer) for p in m.experts.parameters())
 
     on_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and (on_gpu or device_memory is not None))

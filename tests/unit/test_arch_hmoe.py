@@ -115,3 +115,17 @@ def test_export_to_transformers_is_refused():
 
     with pytest.raises(ConfigError, match="model.arch='hmoe'.*different widths"):
         export_target(ModelConfig(arch="hmoe", vocab_size=32), MoEConfig(num_experts=4))
+
+
+def test_memory_estimate_counts_the_busiest_rank_of_the_width_placement():
+    from moe_dist.config import load_config
+    from moe_dist.train.memory import estimate_memory
+
+    common = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "moe.every=1", "moe.num_experts=4",
+              "moe.expert_ffn_dim=16", "parallel.ep=2"]
+    homogeneous = estimate_memory(load_config(None, common), 2)
+    est = estimate_memory(load_config(None, [*common, "model.arch=hmoe", "model.hmoe.widths=[8,8,8,40]"]), 2)
+    # mean width 16: the same parameters, and the same active ones at uniform top-2 routing
+    assert est.total_params == homogeneous.total_params and est.active_params == homogeneous.active_params
+    # placement [[3], [0, 1, 2]]: the busiest rank holds width 40, not 2 x 16 = 32 (3 * D params per width)
+    assert est.rank_params - homogeneous.rank_params == 3 * 16 * (40 - 32)
