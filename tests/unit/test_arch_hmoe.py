@@ -129,3 +129,11 @@ def test_memory_estimate_counts_the_busiest_rank_of_the_width_placement():
     assert est.total_params == homogeneous.total_params and est.active_params == homogeneous.active_params
     # placement [[3], [0, 1, 2]]: the busiest rank holds width 40, not 2 x 16 = 32 (3 * D params per width)
     assert est.rank_params - homogeneous.rank_params == 3 * 16 * (40 - 32)
+
+
+def test_deepspeed_with_width_placed_experts_is_refused():
+    from moe_dist.config import load_config, validate
+
+    cfg = load_config(None, ["model.arch=hmoe", "train.engine=deepspeed", "parallel.ep=2", "zero.stage=1"])
+    with pytest.raises(ConfigError, match=r"model.arch=hmoe and parallel.ep \(2\).*train.engine=native"):
+        validate(cfg, 2)
