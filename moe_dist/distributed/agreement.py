@@ -37,6 +37,7 @@ from torch.distributed import ProcessGroup
 
 from moe_dist.config import ParallelConfig
 from moe_dist.distributed.comms import CollectiveRecord, all_gather_object, world_group
+from moe_dist.distributed.param_tags import is_whole_expert
 
 if TYPE_CHECKING:
     from moe_dist.config import Config
@@ -67,9 +68,21 @@ def stable_hash(obj: Any) -> str:
 
 
 def model_signature(model: nn.Module) -> str:
-    """Hash of every parameter and buffer name, shape and dtype (values excluded)."""
-    items = [(name, list(t.shape), str(t.dtype)) for name, t in model.state_dict(keep_vars=True).items()]
-    return stable_hash(items)
+    """Hash of every parameter and buffer name, shape and dtype (values excluded).
+
+    Whole experts (``param_tags.is_whole_expert``: one ep rank holds each, e.g. HMoE's) enter by
+    name only, together with the names their modules list as held elsewhere
+    (``state_names_elsewhere()``), so every rank hashes the same global set of names."""
+    items, whole = [], set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if is_whole_expert(t):
+            whole.add(name)
+        else:
+            items.append((name, list(t.shape), str(t.dtype)))
+    for fqn, module in model.named_modules():
+        if hasattr(module, "state_names_elsewhere"):
+            whole.update(f"{fqn}.{n}" if fqn else n for n in module.state_names_elsewhere())
+    return stable_hash(items + sorted(whole)) if whole else stable_hash(items)
 
 
 def run_digest(config_dict: dict[str, Any], model: nn.Module | None = None,

@@ -137,3 +137,23 @@ def test_deepspeed_with_width_placed_experts_is_refused():
     cfg = load_config(None, ["model.arch=hmoe", "train.engine=deepspeed", "parallel.ep=2", "zero.stage=1"])
     with pytest.raises(ConfigError, match=r"model.arch=hmoe and parallel.ep \(2\).*train.engine=native"):
         validate(cfg, 2)
+
+
+def test_ranks_holding_different_experts_have_one_model_signature():
+    from moe_dist.distributed.agreement import model_signature
+    from moe_dist.distributed.param_tags import mark_whole_expert
+
+    def placed(drop: set[str]):
+        cfg = ModelConfig(arch="hmoe", vocab_size=32, dim=16, n_layers=1, n_heads=2,
+                          hmoe=HMoEConfig(widths=[8, 16, 24, 32]))
+        model = build(cfg, MoEConfig(num_experts=4, every=1))
+        layer = model.layers[0].mlp
+        for e in drop:
+            del layer.experts[e]
+        for p in layer.experts.parameters():
+            mark_whole_expert(p)
+        return model_signature(model)
+
+    assert placed({"3"}) == placed({"0", "1", "2"}) == placed(set())
+    # Whole experts enter by name only (their widths differ per rank by design); a differing
+    # model.hmoe.widths is caught by the config hash that run_digest compares beside the signature.
