@@ -32,8 +32,10 @@ names and shapes (``models/hmoe_parallel.py``). The rows routed to the local exp
 - ``padded``: one grouped GEMM with every expert zero-padded to the largest width;
 - ``per_expert``: one matmul per expert.
 
-All three compute the same function (tested); the measurement that picked ``by_width`` is in
-docs/architectures.md (``docs/hmoe_gemm_bench.py``).
+All three compute the same function (tested). Measured on CPU (``docs/hmoe_gemm_bench.py``,
+docs/architectures.md): padding is 1.4-2.8x slower than ``by_width``, and ``per_expert`` is the
+fastest there; ``by_width`` is the default as the grouped-GEMM path meant for GPUs, where it has
+not been timed yet.
 
 Shapes: T tokens, D model dim, E experts, K top_k, N = routed rows.
 """
