@@ -108,10 +108,10 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
             f"train.engine=deepspeed with parallel.etp ({par.etp}) > 1 is not supported: expert tensor "
             "parallelism is the native engine's (DeepSpeed's expert groups, gradient norm and checkpoints know "
             "ep only); use train.engine=native with etp, or parallel.etp=1 with deepspeed")
-    require(cfg.model.arch != "hmoe" or par.ep == 1,
-            f"train.engine=deepspeed with model.arch=hmoe and parallel.ep ({par.ep}) > 1 is not supported: each "
-            "ep rank holds different whole experts (placed by width), which DeepSpeed's expert groups and "
-            "checkpoints do not describe; use train.engine=native (tested) or parallel.ep=1")
+    require(cfg.model.arch not in ("hmoe", "moa"),
+            f"train.engine=deepspeed with model.arch={cfg.model.arch} is not supported: the architecture is "
+            "tested with the native engine only (HMoE places whole experts of different widths per ep rank, "
+            "which DeepSpeed's expert groups and checkpoints do not describe); use train.engine=native")
     if cfg.moe.enabled and stage == 3:
         raise ConfigError(
             "zero.stage (3) with an MoE model: ZeRO-3 partitions every parameter over the whole data-"

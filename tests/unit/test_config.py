@@ -118,3 +118,12 @@ def test_overrides_may_follow_flags(capsys):
 
     printed = config_from_dict(yaml.safe_load(capsys.readouterr().out))
     assert printed.moe.num_experts == 4 and printed.moe.router.top_k == 1
+
+
+@pytest.mark.parametrize("arch", ["hmoe", "moa"])
+def test_new_architectures_are_refused_under_deepspeed(arch):
+    from moe_dist.config import validate
+
+    cfg = load_config(None, [f"model.arch={arch}", "train.engine=deepspeed"])
+    with pytest.raises(ConfigError, match=f"model.arch={arch} is not supported.*train.engine=native"):
+        validate(cfg, 2)
