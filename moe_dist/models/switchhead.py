@@ -40,7 +40,6 @@ from torch import nn
 from moe_dist.config import ConfigError, MoEConfig, SwitchHeadConfig
 from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.transformer import apply_rotary, rotary_tables
-from moe_dist.moe import capacity as cap
 from moe_dist.moe.dispatch.permutation import PermuteState, count_per_expert, permute, unpermute
 from moe_dist.moe.experts import GroupedExperts, grouped_matmul
 from moe_dist.moe.layer import MoELayer
@@ -208,14 +207,8 @@ class SigmaMoELayer(MoELayer):
         losses = {}
         if self.training and self.entropy_reg > 0:
             losses["entropy_reg"] = self.entropy_reg * neg_entropy_of_mean(logits_TE, self.entropy_reduce_fn)
-        routing = RoutingResult(indices_TK, weights_TK, None, scores_TE, tokens_per_expert, losses)
-        capacity = self.capacity_for(routing.num_tokens, routing.top_k, routing.tokens_per_expert)
-        if capacity is not None:
-            priority = routing.weights if self.cfg.capacity.drop_policy == "score" else None
-            kept = cap.apply_capacity(routing.indices, routing.valid, self.num_experts, capacity, priority)
-            routing.valid = kept
-            routing.weights = torch.where(kept, routing.weights, 0.0)
-        return routing
+        return self.limit_to_capacity(RoutingResult(indices_TK, weights_TK, None, scores_TE, tokens_per_expert,
+                                                    losses))
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Forward FLOPs of one token: the router and K experts (2 matmuls for ReLU, 3 for SwiGLU)."""

@@ -82,7 +82,10 @@ class MoELayer(nn.Module):
     def route(self, x_TD: torch.Tensor, seq_len: int | None,
               importance_T: torch.Tensor | None = None) -> RoutingResult:
         extra = {} if importance_T is None else {"importance_T": importance_T}
-        routing = self.router(x_TD, seq_len=seq_len, **extra)
+        return self.limit_to_capacity(self.router(x_TD, seq_len=seq_len, **extra))
+
+    def limit_to_capacity(self, routing: RoutingResult) -> RoutingResult:
+        """Drop the assignments beyond this batch's per-expert capacity (none when dropless)."""
         capacity = self.capacity_for(routing.num_tokens, routing.top_k, routing.tokens_per_expert)
         if capacity is not None:
             priority = routing.weights if self.cfg.capacity.drop_policy == "score" else None
