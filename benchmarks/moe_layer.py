@@ -10,7 +10,7 @@ Same inputs, same process, after warm-up. Systems:
   expert; Transformer Engine and the grouped_gemm package are not installable on the
   machine), alltoall dispatcher, dropless.
 * ``deepspeed`` / ``deepspeed_dropless``: DeepSpeed's MoE (capacity factor 1.0 / no drops);
-  top-k <= 2 only, reported as unsupported otherwise.
+  top-k <= 2 only, reported as unsupported otherwise (the fine-grained and Qwen3-like shapes).
 * ``dense_gemm``: the same expert FLOPs as one dense SwiGLU MLP over T*K rows (the practical
   peak for these GEMM shapes): the input rows require a gradient like the MoE layer's input
   (so its backward runs both GEMMs' input gradients, the FLOPs counted below), and on CUDA the
@@ -18,6 +18,10 @@ Same inputs, same process, after warm-up. Systems:
 * ``dense_gemm_no_dx``: the baseline of the first GPU runs, kept for comparison: eager SwiGLU
   and input rows without a gradient, so its backward skips the first GEMM's input gradient
   (2/9 of the counted FLOPs) and its TFLOP/s overstates the dense rate.
+
+Shapes (``--shapes``): ``mixtral`` (h4096 f14336 E8 top-2), ``fine_grained`` (h2048 f1408 E64
+top-8 + 2 shared experts) and ``qwen3`` (Qwen3-MoE-like: h2048 f768 E128 top-8, no shared
+expert), each over 8192 tokens; ``--tiny`` has a CPU-sized counterpart of each.
 
 TFLOP/s counts the expert and shared-expert GEMMs: ``6 * T * (K*3*h*f + 3*h*f_shared)``
 (forward 2x, backward 4x), not the router. Run ``python -m benchmarks.moe_layer --help``.
@@ -54,10 +58,13 @@ class Shape:
 SHAPES = {
     "mixtral": Shape("mixtral", 4096, 14336, 8, 2, 0, 8192),
     "fine_grained": Shape("fine_grained", 2048, 1408, 64, 8, 2, 8192),
+    # Qwen3-MoE-like (Qwen3-30B-A3B's expert shape): many narrow experts, top-8, no shared expert.
+    "qwen3": Shape("qwen3", 2048, 768, 128, 8, 0, 8192),
 }
 TINY = {
     "mixtral": Shape("mixtral_tiny", 64, 96, 4, 2, 0, 64),
     "fine_grained": Shape("fine_grained_tiny", 64, 32, 8, 4, 2, 64),
+    "qwen3": Shape("qwen3_tiny", 64, 16, 16, 8, 0, 64),
 }
 
 

@@ -43,14 +43,35 @@ def test_moe_layer_tiny(capsys, no_deepspeed_shm_build):
     assert _lines(capsys) == results
     ok = [r for r in results if r["status"] == "ok"]
     assert {(r["shape"], r["system"]) for r in ok} >= {
-        ("mixtral_tiny", "moe_dist"), ("fine_grained_tiny", "moe_dist"), ("fine_grained_tiny", "dense_gemm")}
+        ("mixtral_tiny", "moe_dist"), ("fine_grained_tiny", "moe_dist"), ("fine_grained_tiny", "dense_gemm"),
+        ("qwen3_tiny", "moe_dist"), ("qwen3_tiny", "moe_dist_torch"), ("qwen3_tiny", "dense_gemm")}
+    shapes = {shape.name: shape for shape in moe_layer.TINY.values()}
     for r in ok:
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
         assert r["total_ms"] == pytest.approx(r["fwd_ms"] + r["bwd_ms"], abs=2e-3)
-        shape = moe_layer.TINY["fine_grained" if r["shape"].startswith("fine") else "mixtral"]
+        shape = shapes[r["shape"]]
+        assert (r["experts"], r["top_k"], r["shared"]) == (shape.num_experts, shape.top_k, shape.num_shared)
         assert r["tflops"] == pytest.approx(shape.flops() / (r["total_ms"] * 1e-3) / 1e12, abs=0.06)
-    unsupported = [r for r in results if r["system"] == "deepspeed" and r["shape"] == "fine_grained_tiny"]
-    assert unsupported[0]["status"].startswith("unsupported")
+    for name in ("fine_grained_tiny", "qwen3_tiny"):  # top-8: DeepSpeed's MoE stops at top-2
+        unsupported = [r for r in results if r["system"] == "deepspeed" and r["shape"] == name]
+        assert unsupported[0]["status"].startswith("unsupported")
+
+
+def test_moe_layer_qwen3_shape_and_same_work_dense():
+    """The Qwen3-like row is h2048 f768 E128 top-8, no shared expert; its dense baseline runs the
+    same T*K rows with an input gradient (the same work as the MoE layer's backward)."""
+    import torch
+
+    shape = moe_layer.SHAPES["qwen3"]
+    assert (shape.hidden, shape.ffn, shape.num_experts, shape.top_k, shape.num_shared, shape.tokens) == (
+        2048, 768, 128, 8, 0, 8192)
+    assert shape.flops() == 6 * 8192 * 8 * 3 * 2048 * 768
+    tiny = moe_layer.TINY["qwen3"]
+    x = torch.randn(tiny.tokens, tiny.hidden)
+    dense, _ = moe_layer.build_dense(tiny, x, torch.device("cpu"), torch.float32)
+    assert dense.rows.shape == (tiny.tokens * tiny.top_k, tiny.hidden) and dense.rows.requires_grad
+    assert (dense.mlp.w13.weight.shape, dense.mlp.w2.weight.shape) == ((2 * tiny.ffn, tiny.hidden),
+                                                                       (tiny.hidden, tiny.ffn))
 
 
 def test_moe_layer_flops_formula():
