@@ -12,12 +12,19 @@ backward + AdamW step + zero_grad. The cross-entropy is the trainer's
 MFU = tokens/s x training FLOPs per token (``moe_dist.metrics.flops``: matmuls only, attention
 scores included) / the datasheet bf16 peak (989 TFLOP/s for an H100 SXM); ``mfu_measured_peak``
 divides by the dense-GEMM rate measured in the same process instead.
+
+``--compile-mode`` picks the ``torch.compile`` mode: ``reduce-overhead`` runs the compiled
+forward and backward as CUDA graphs (the record counts Inductor's fallbacks from them in
+``cudagraph_skips``), ``max-autotune-no-cudagraphs`` autotunes the GEMMs (minutes of compiling).
+``build_setup`` is shared with ``benchmarks/logging_cost.py`` and ``benchmarks/profile_step.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +37,7 @@ from moe_dist.models.cross_entropy import token_cross_entropy
 
 FULL = dict(dim=1024, n_layers=12, n_heads=16, expert_ffn=2816, experts=8, top_k=2, vocab=32768,
             seq_len=2048, batch=8)
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 TINY = dict(dim=64, n_layers=2, n_heads=4, expert_ffn=32, experts=4, top_k=2, vocab=256, seq_len=32, batch=2)
 
 
@@ -53,58 +61,139 @@ def measured_gemm_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
+@dataclass
+class StepLosses:
+    """What one step returns: the device-side losses (the trainer's ``DeviceMeans`` inputs)."""
+
+    total: torch.Tensor
+    lm_loss: torch.Tensor
+    router_losses: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor | None
+
+
+@dataclass
+class TrainSetup:
+    """One model ready to train: ``step()`` runs forward, loss, backward, AdamW and zero_grad."""
+
+    kind: str
+    model: Transformer
+    """The eager module (the compiled step runs it through ``torch.compile``)."""
+    model_cfg: ModelConfig
+    moe_cfg: MoEConfig
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], StepLosses]
+    params: int
+    active_params: int
+    flops_per_token: float
+    tokens_per_step: int
+
+
+def compile_mode_label(mode: str | None) -> str:
+    """'' for eager, '_compiled' for the default mode, '_compiled_<mode>' otherwise."""
+    if mode is None:
+        return ""
+    return "_compiled" if mode == "default" else f"_compiled_{mode}"
+
+
+def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "fused",
+                compile_mode: str | None = None,
+                clip_grad: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> TrainSetup:
+    """The benchmarked model, optimizer and step. ``compile_mode`` None runs eagerly, else the
+    model goes through ``torch.compile(mode=...)`` ('default', 'reduce-overhead': CUDA graphs of
+    the compiled forward and backward, 'max-autotune-no-cudagraphs'). ``clip_grad(model)``, if
+    given, runs between backward and the optimizer step and its result is the step's grad norm."""
+    torch.manual_seed(0)
+    model_cfg, moe_cfg = build(kind, size)
+    model = Transformer(model_cfg, moe_cfg).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    flops = training_flops_per_token(model_cfg, moe_cfg, size["seq_len"])
+    active = params - (0 if kind == "dense" else
+                       model_cfg.n_layers * 3 * model_cfg.dim * moe_cfg.expert_ffn_dim
+                       * (moe_cfg.num_experts - moe_cfg.router.top_k))
+    fused = device.type == "cuda" and optimizer == "fused"
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                              **({"fused": True} if fused else {"foreach": False}))
+    if compile_mode is None:
+        forward = model
+    else:
+        forward = torch.compile(model, **({} if compile_mode == "default" else {"mode": compile_mode}))
+    graphs = compile_mode == "reduce-overhead"
+    tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def step() -> StepLosses:
+        if graphs:  # a new iteration for CUDA-graph trees: the last step's graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast:
+            out = forward(inputs)
+            lm_loss = token_cross_entropy(out.logits, targets)
+            router_losses = {name: value.float() for name, value in out.losses.items()}
+            loss = lm_loss
+            for value in router_losses.values():
+                loss = loss + value
+        loss.backward()
+        grad_norm = clip_grad(model) if clip_grad is not None else None
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+        return StepLosses(loss, lm_loss, router_losses, grad_norm)
+
+    return TrainSetup(kind, model, model_cfg, moe_cfg, adamw, step, params, active, flops.total,
+                      size["batch"] * size["seq_len"])
+
+
+def cudagraph_skips() -> int:
+    """How often Inductor has fallen back from CUDA graphs in this process (it logs the reason)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | None) -> dict:
-    base = {"bench": "train_step", "model": kind, "system": "moe_dist" + ("_compiled" if args.compile else ""),
-            "optimizer": args.optimizer, "seq_len": size["seq_len"], "batch": size["batch"],
-            "device": gpu_name(device)}
+    base = {"bench": "train_step", "model": kind, "system": "moe_dist" + compile_mode_label(args.compile_mode),
+            "compile_mode": args.compile_mode or "eager", "optimizer": args.optimizer,
+            "seq_len": size["seq_len"], "batch": size["batch"], "device": gpu_name(device)}
     try:
-        torch.manual_seed(0)
-        model_cfg, moe_cfg = build(kind, size)
-        model = Transformer(model_cfg, moe_cfg).to(device)
-        params = sum(p.numel() for p in model.parameters())
-        flops = training_flops_per_token(model_cfg, moe_cfg, size["seq_len"])
-        active = params - (0 if kind == "dense" else
-                           model_cfg.n_layers * 3 * model_cfg.dim * moe_cfg.expert_ffn_dim
-                           * (moe_cfg.num_experts - moe_cfg.router.top_k))
-        fused = device.type == "cuda" and args.optimizer == "fused"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                                      **({"fused": True} if fused else {"foreach": False}))
-        forward = torch.compile(model) if args.compile else model
-        tokens = torch.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1), device=device)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-
-        def step():
-            with autocast:
-                out = forward(inputs)
-                loss = token_cross_entropy(out.logits, targets)
-                for value in out.losses.values():
-                    loss = loss + value
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        skips_before = cudagraph_skips()
+        setup = build_setup(kind, size, device, args.optimizer, args.compile_mode)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step_ms = time_call(step, device, warmup=args.warmup, iters=args.iters)
+        step_ms = time_call(setup.step, device, warmup=args.warmup, iters=args.iters)
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        skips = cudagraph_skips() - skips_before
     except Exception as exc:
         log(f"[train_step] {kind} failed: {exc!r}")
         return error_record(base, exc)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    tokens_per_step = size["batch"] * size["seq_len"]
-    tokens_per_s = tokens_per_step / (step_ms * 1e-3)
-    achieved = tokens_per_s * flops.total / 1e12
+    tokens_per_s = setup.tokens_per_step / (step_ms * 1e-3)
+    achieved = tokens_per_s * setup.flops_per_token / 1e12
     peak = peak_tflops(device)
-    return {**base, "status": "ok", "params_m": round(params / 1e6, 3), "active_params_m": round(active / 1e6, 3),
-            "step_ms": round(step_ms, 2), "tokens_per_s": round(tokens_per_s), "tflops": round(achieved, 1),
-            "mfu": round(achieved / peak, 4) if peak else None,
-            "mfu_measured_peak": round(achieved / gemm_tflops, 4) if gemm_tflops else None,
-            "gemm_tflops": round(gemm_tflops, 1) if gemm_tflops else None,
-            "flops_per_token_g": round(flops.total / 1e9, 3), "peak_mem_gib": round(peak_mem, 2)}
+    record = {**base, "status": "ok", "params_m": round(setup.params / 1e6, 3),
+              "active_params_m": round(setup.active_params / 1e6, 3),
+              "step_ms": round(step_ms, 2), "tokens_per_s": round(tokens_per_s), "tflops": round(achieved, 1),
+              "mfu": round(achieved / peak, 4) if peak else None,
+              "mfu_measured_peak": round(achieved / gemm_tflops, 4) if gemm_tflops else None,
+              "gemm_tflops": round(gemm_tflops, 1) if gemm_tflops else None,
+              "flops_per_token_g": round(setup.flops_per_token / 1e9, 3), "peak_mem_gib": round(peak_mem, 2)}
+    if args.compile_mode == "reduce-overhead":
+        record["cudagraph_skips"] = skips  # > 0: some graph ran without CUDA graphs (see the log)
+    return record
+
+
+def add_compile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (mode 'default')")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                        help="torch.compile mode (implies --compile); 'reduce-overhead' captures the "
+                             "compiled forward and backward in CUDA graphs")
+
+
+def resolve_compile_mode(args) -> None:
+    """``args.compile_mode``: None (eager) or the torch.compile mode."""
+    if args.compile and args.compile_mode is None:
+        args.compile_mode = "default"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -113,13 +202,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
     parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"],
                         help="fused AdamW, or the trainer's per-tensor loop (foreach=False)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_compile_args(parser)
     parser.add_argument("--reference", action="store_true", help="moe_dist's plain torch path")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args(argv)
     device = pick_device()
     resolve_repeats(args, warmup=3, iters=10)
+    resolve_compile_mode(args)
     size = TINY if args.tiny else FULL
     gemm = measured_gemm_tflops(device)
     results = []

@@ -125,3 +125,31 @@ def test_dispatch_bw_two_ranks_gloo():
     assert [r["system"] for r in records] == ["moe_dist", "bare_all_to_all"]
     assert all(r["world"] == 2 and r["ms"] > 0 for r in records)
     assert records[0]["fraction_of_bare"] == pytest.approx(records[1]["ms"] / records[0]["ms"], rel=0.01)
+
+
+def test_logging_cost_tiny(capsys, tmp_path):
+    """Both modes time the same number of steps; the logging mode really logged (one
+    metrics.jsonl record and one text line per logging step, TensorBoard events) and the cost
+    record is computed from the two medians."""
+    from benchmarks import logging_cost
+
+    results = logging_cost.main(["--tiny", "--warmup", "1", "--rounds", "2", "--block", "2",
+                                 "--run-dir", str(tmp_path)])
+    assert _lines(capsys) == results
+    off, on, cost = results
+    assert [off["mode"], on["mode"], cost["mode"]] == ["off", "every1", "cost"]
+    assert off["steps"] == on["steps"] == 4
+    for r in (off, on):
+        assert r["status"] == "ok" and 0 < r["median_step_ms"] and 0 < r["mean_step_ms"]
+    assert cost["relative_cost_pct"] == pytest.approx(100 * (on["median_step_ms"] / off["median_step_ms"] - 1),
+                                                      abs=0.02)
+    logging_steps = 1 + 4 + 1  # warm-up block, timed blocks, the step under the sync detector
+    assert cost["logged_steps"] == cost["text_lines"] == logging_steps
+    assert cost["tb_event_bytes"] > 0
+    assert cost["host_syncs_per_log_step"] is None  # counted on CUDA only
+    from moe_dist.metrics import read_metrics
+
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(logged) == logging_steps
+    last = logged[max(logged)]
+    assert {"loss", "grad_norm", "tokens_per_s", "moe/layer_0/imbalance"} <= set(last)
