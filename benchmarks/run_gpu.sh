@@ -3,8 +3,14 @@
 # summary table last. Run from the repository root on the GPU machine:
 #
 #   bash benchmarks/run_gpu.sh [stages...]
-#     stages: tests syncs layer dispatch train train_compile layer_compile profile train_reference
-#     (default: all but train_reference, in that order)
+#     stages: tests syncs layer dispatch train train_compile layer_compile profile
+#             train_compile_graphs logging train_profile train_reference train_autotune
+#     (default: all but train_reference and train_autotune, in that order)
+#
+# Expected durations on one H100 (each stage's timeout is in the case below): tests ~1-2 min, layer ~1.5 min
+# (three shapes), train_compile ~2 min, train_compile_graphs ~2 min, logging ~1 min,
+# train_profile ~1.5 min (Inductor's on-disk cache makes a second compile of the same model
+# faster), train_autotune several minutes (GEMM autotuning).
 #
 # Results go to $OUT (default /tmp/moe_dist_gpu): results.jsonl (one JSON line per result),
 # *.log, profile.txt, summary.md. Wheels in .whl/ (megatron-core, deepspeed and their small
@@ -13,12 +19,15 @@ set -u
 OUT=${OUT:-/tmp/moe_dist_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGES=${*:-tests syncs layer dispatch train train_compile layer_compile profile}
+STAGES=${*:-tests syncs layer dispatch train train_compile layer_compile profile train_compile_graphs logging train_profile}
 # Optional narrowing for short runs, e.g. TESTS=tests/gpu/test_cross_entropy_gpu.py
 # LAYER_ARGS="--shapes mixtral" TRAIN_ARGS="--models moe".
+# COMPILE_MODE: torch.compile mode of train_compile, logging and train_profile (default,
+# reduce-overhead = CUDA graphs, max-autotune-no-cudagraphs).
 TESTS=${TESTS:-tests/gpu}
 LAYER_ARGS=${LAYER_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+COMPILE_MODE=${COMPILE_MODE:-default}
 START=$(date +%s)
 stamp() { echo "[run_gpu +$(( $(date +%s) - START ))s] $*"; }
 
@@ -50,7 +59,7 @@ for stage in $STAGES; do
       stamp "start syncs"
       timeout 240 python3 tests/gpu/test_host_syncs_gpu.py 2>&1 | tee "$OUT/syncs.md"
       stamp "end syncs" ;;
-    layer) run layer 180 python3 -m benchmarks.moe_layer $LAYER_ARGS ;;
+    layer) run layer 240 python3 -m benchmarks.moe_layer $LAYER_ARGS ;;
     layer_compile) run layer_compile 150 python3 -m benchmarks.moe_layer --systems moe_dist_compiled ;;
     dispatch) run dispatch 90 python3 -m benchmarks.dispatch ;;
     profile)
@@ -58,7 +67,14 @@ for stage in $STAGES; do
       timeout 60 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
       stamp "end profile" ;;
     train) run train 100 python3 -m benchmarks.train_step $TRAIN_ARGS ;;
-    train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile $TRAIN_ARGS ;;
+    train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile-mode "$COMPILE_MODE" $TRAIN_ARGS ;;
+    train_compile_graphs)  # CUDA graphs of the compiled forward and backward
+      run train_compile_graphs 240 python3 -m benchmarks.train_step --compile-mode reduce-overhead $TRAIN_ARGS ;;
+    train_autotune) run train_autotune 540 python3 -m benchmarks.train_step --compile-mode max-autotune-no-cudagraphs $TRAIN_ARGS ;;
+    logging)  # the 1B MoE step at log.every=1 (TensorBoard + metrics.jsonl) against logging off
+      run logging 180 python3 -m benchmarks.logging_cost --compile-mode "$COMPILE_MODE" ;;
+    train_profile)  # kernel categories of the compiled MoE and dense steps (text table in train_profile.log)
+      run train_profile 240 python3 -m benchmarks.profile_step --compile-mode "$COMPILE_MODE" ;;
     train_reference) run train_reference 120 python3 -m benchmarks.train_step --reference --models moe ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -130,6 +130,8 @@ def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "f
             out = forward(inputs)
             lm_loss = token_cross_entropy(out.logits, targets)
             router_losses = {name: value.float() for name, value in out.losses.items()}
+            if graphs:  # the next replay overwrites a CUDA graph's outputs; the losses outlive the step
+                router_losses = {name: value.clone() for name, value in router_losses.items()}
             loss = lm_loss
             for value in router_losses.values():
                 loss = loss + value

@@ -135,6 +135,14 @@ class TrainConfig:
     """Recompute activations in backward instead of keeping them: 'selective' recomputes the
     attention (projections, RoPE, SDPA) and the expert MLPs, 'full' every block (it keeps only the
     block inputs). Routing statistics are counted once either way. 'none' keeps everything."""
+    offload_optimizer: bool = False
+    """Native engine, one process: keep the fp32 master weights and AdamW moments in host memory
+    (12 bytes per parameter) and step them with torch's fused CPU AdamW; the GPU holds the
+    bf16 compute copy of the parameters (2 bytes) and an fp32 gradient buffer (4 bytes) that
+    every micro-batch's gradient is added into. Norm and clipping run on the GPU; gradients go
+    to the host and updated weights back in chunks, overlapped with the CPU math
+    (docs/guide/large-models.md, "Optimizer offload"). For several ranks use train.engine=deepspeed with
+    zero.offload_optimizer. False keeps everything on the device."""
     profile_steps: str = ""
     """Optimizer steps to trace with torch.profiler, 'FIRST-LAST' (e.g. '10-12') or one step
     ('10'), counted from 1. Rank 0 writes <run_dir>/profile/rank0_steps10-12.pt.trace.json

@@ -56,6 +56,8 @@ def validate(cfg: Config, world_size: int) -> None:
         _validate_fsdp(cfg)
     if train.engine == "deepspeed":
         _validate_deepspeed(cfg, world_size)
+    if train.offload_optimizer:
+        _validate_native_offload(cfg, world_size)
 
 
 def _validate_etp(cfg: Config, world_size: int) -> None:
@@ -95,6 +97,23 @@ def _validate_fsdp(cfg: Config) -> None:
     require(not cfg.moe.router.adaptive.enabled,
             "parallel.fsdp=true with moe.router.adaptive.enabled: DynMoE resets rows of the optimizer "
             "state, which FSDP shards; set moe.router.adaptive.enabled=false or parallel.fsdp=false")
+
+
+def _validate_native_offload(cfg: Config, world_size: int) -> None:
+    """What train.offload_optimizer supports (moe_dist/train/offload.py; docs/guide/large-models.md)."""
+    require(cfg.train.engine == "native",
+            "train.offload_optimizer=true with train.engine=deepspeed: this is the native engine's offload; "
+            "DeepSpeed offloads with its own ZeRO-Offload. Use zero.offload_optimizer=true (zero.stage >= 1) "
+            "with train.engine=deepspeed, or train.engine=native")
+    require(world_size == 1,
+            f"train.offload_optimizer=true with a world of {world_size} processes: the native optimizer offload "
+            "runs in one process only (its gradient buffer bypasses the distributed gradient reduction); use "
+            "one process, or train.engine=deepspeed with zero.stage=2 and zero.offload_optimizer=true for "
+            "several ranks")
+    require(not cfg.moe.router.adaptive.enabled,
+            "train.offload_optimizer=true with moe.router.adaptive.enabled: DynMoE writes new gate rows into "
+            "the device copy of the weights between steps, which the host master weights would overwrite; "
+            "set moe.router.adaptive.enabled=false or train.offload_optimizer=false")
 
 
 def _validate_deepspeed(cfg: Config, world_size: int) -> None:

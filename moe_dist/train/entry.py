@@ -44,7 +44,8 @@ def plan_launch(cfg: Config, world_size: int, device_memory_gib: float | None = 
     if estimate.fits is False:
         logger.warning("the estimate (%.1f GiB per rank) exceeds the device memory (%.1f GiB): use more ranks "
                        "(parallel.ep / dp with zero.stage), train.activation_checkpointing, a smaller "
-                       "train.micro_batch_size, or zero.offload_optimizer", estimate.total / GIB,
+                       "train.micro_batch_size, zero.offload_optimizer (DeepSpeed) or train.offload_optimizer "
+                       "(native, one process)", estimate.total / GIB,
                        device_memory / GIB)
         return DOES_NOT_FIT_EXIT_CODE
     return 0

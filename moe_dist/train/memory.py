@@ -14,6 +14,8 @@ native, fp32 or bf16   4 (fp32)   4           8 (exp_avg, exp_avg_sq)
   autocast
 DeepSpeed, bf16        2 (bf16)   2           12 (fp32 master + exp_avg + exp_avg_sq)
 DeepSpeed, fp32        4          4           8
+native,                2 (bf16)   4 (fp32     12 on the host (fp32 master + exp_avg +
+  offload_optimizer               buffer)     exp_avg_sq); 0 on the device
 =====================  =========  ==========  ==========================================
 
 Sharding: expert weights are divided over ``ep x etp``, the tensor-parallel weights (embedding,
@@ -227,6 +229,9 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     on_host = 0.0
     if deepspeed and cfg.zero.offload_optimizer:
         optimizer, on_host = 0.0, optimizer
+    if cfg.train.offload_optimizer:  # native offload (one process): compute copy + fp32 grad buffer
+        params, gradients = (dense + experts) * act_bytes, (dense + experts) * 4
+        optimizer, on_host = 0.0, (dense + experts) * 12.0
 
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     per_token = _activation_bytes_per_token(cfg, model, act_bytes, checkpointing)

@@ -79,7 +79,7 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
         initialize_from(self.model, cfg, self.run_dir)  # model.init_from; a resumed checkpoint overrides it
         apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
-        self.model.to(self.device)
+        self._place_model()
         self._configure_parallelism()
 
         self.accum_steps = grad_accum_steps(cfg, mesh.dp_size)
@@ -103,6 +103,10 @@ class Trainer:
                 logger.warning(warning)
 
     # ------------------------------------------------------------------ what each engine provides
+    def _place_model(self) -> None:
+        """Move the freshly built fp32 host model to the device (before ``_configure_parallelism``)."""
+        self.model.to(self.device)
+
     def _configure_parallelism(self) -> None:
         """Set ``plan``, ``optimizer`` and ``scheduler`` for ``self.model``."""
         raise NotImplementedError

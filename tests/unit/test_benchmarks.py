@@ -153,3 +153,92 @@ def test_logging_cost_tiny(capsys, tmp_path):
     assert len(logged) == logging_steps
     last = logged[max(logged)]
     assert {"loss", "grad_norm", "tokens_per_s", "moe/layer_0/imbalance"} <= set(last)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<cutlass::gemm::kernel::GemmUniversal<"
+     "cutlass::gemm::GroupProblemShape<cute::tuple<int, int, int> >, cutlass::gemm::collective::CollectiveMma<"
+     "cutlass::gemm::MainloopSm90ArrayTmaGmmaWarpSpecialized<4>>>>>", "grouped GEMM"),
+    ("triton_tem_fused__grouped_mm_3", "grouped GEMM"),
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "dense GEMM"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "dense GEMM"),
+    ("aten::mm", "dense GEMM"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>, true>", "attention"),
+    ("softmax_topk_kernel", "routing/permute"),
+    ("gather_sum_kernel", "routing/permute"),
+    ("void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<at_cuda_detail::cub::DeviceRadixSortPolicy>",
+     "routing/permute"),
+    ("triton_poi_fused__unsafe_view_clone_permute_4", "elementwise/norm"),  # a transpose, not routing
+    ("triton_poi_fused_embedding_dense_backward_2", "elementwise/norm"),
+    ("swiglu_bwd_kernel", "SwiGLU"),
+    ("ce_backward_kernel", "cross-entropy"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", "elementwise/norm"),
+    ("Memcpy DtoH (Device -> Pinned)", "memcpy/memset"),
+    ("some_unknown_kernel", "other"),
+])
+def test_profile_step_categories(name, category):
+    from benchmarks import profile_step
+
+    assert profile_step.categorize(name) == category
+
+
+def test_profile_step_union():
+    from benchmarks.profile_step import union_us
+
+    assert union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert union_us([]) == 0
+
+
+def test_profile_step_tiny(capsys):
+    """Eager on CPU (a compiled tiny run takes ~30 s): one record per category for both models,
+    the categories and the host remainder add up to the profiled wall time."""
+    from benchmarks import profile_step
+
+    records = profile_step.main(["--tiny", "--compile-mode", "eager", "--steps", "1", "--iters", "1"])
+    assert _lines(capsys) == records
+    by_category = {r["category"]: r for r in records}
+    assert set(profile_step.ORDER) <= set(by_category)
+    for model in ("moe", "dense"):
+        parts = sum(by_category[c][f"{model}_ms"] for c in profile_step.ORDER)
+        wall = by_category["step (profiled, wall)"][f"{model}_ms"]
+        assert parts == pytest.approx(max(wall, by_category["kernels (sum)"][f"{model}_ms"]), rel=0.02, abs=0.02)
+    assert by_category["grouped GEMM"]["dense_ms"] == 0  # the dense model has no experts
+    assert by_category["routing/permute"]["moe_ms"] > by_category["routing/permute"]["dense_ms"]
+    assert by_category["idle/host"]["gap_ms"] == pytest.approx(
+        by_category["idle/host"]["moe_ms"] - by_category["idle/host"]["dense_ms"], abs=2e-3)
+
+
+def test_summarize_groups_new_benchmarks_and_ratios():
+    """One table per benchmark; vs_dense divides by the same run's dense row of the same shape
+    (layer) or system (training step); the logging and profile tables show their key columns."""
+    from benchmarks import summarize
+
+    records = [
+        {"bench": "moe_layer", "shape": "qwen3", "system": "dense_gemm", "status": "ok", "tflops": 600.0},
+        {"bench": "moe_layer", "shape": "qwen3", "system": "moe_dist", "status": "ok", "tflops": 420.0},
+        {"bench": "moe_layer", "shape": "mixtral", "system": "dense_gemm", "status": "ok", "tflops": 700.0},
+        {"bench": "moe_layer", "shape": "mixtral", "system": "moe_dist", "status": "ok", "tflops": 630.0},
+        {"bench": "moe_layer", "shape": "qwen3", "system": "deepspeed", "status": "unsupported: top_k"},
+        {"bench": "train_step", "model": "moe", "system": "moe_dist_compiled", "status": "ok", "tokens_per_s": 180},
+        {"bench": "train_step", "model": "dense", "system": "moe_dist_compiled", "status": "ok", "tokens_per_s": 200},
+        {"bench": "train_step", "model": "moe", "system": "moe_dist", "status": "ok", "tokens_per_s": 100},
+        {"bench": "logging_cost", "mode": "cost", "status": "ok", "relative_cost_pct": 0.42},
+        {"bench": "profile_step", "category": "grouped GEMM", "moe_ms": 20.0, "dense_ms": 0.0, "gap_ms": 20.0},
+    ]
+    text = summarize.summarize(json.dumps(r) for r in records)
+    blocks = text.split("\n\n")  # a heading, then its table
+    tables = {heading: table.splitlines() for heading, table in zip(blocks[0::2], blocks[1::2])}
+    assert set(tables) == {"### moe_layer", "### train_step", "### logging_cost", "### profile_step"}
+
+    def column(bench: str, name: str) -> list[str]:
+        header, _, *rows = tables[f"### {bench}"]
+        at = [c.strip() for c in header.strip("|").split("|")].index(name)
+        return [[c.strip() for c in row.strip("|").split("|")][at] for row in rows]
+
+    assert column("moe_layer", "vs_dense") == ["1.0", "0.7", "1.0", "0.9", ""]
+    assert column("train_step", "vs_dense") == ["0.9", "", ""]  # eager moe has no eager dense row
+    assert column("logging_cost", "relative_cost_pct") == ["0.42"]
+    assert column("profile_step", "gap_ms") == ["20.0"]

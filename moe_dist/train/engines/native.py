@@ -1,6 +1,8 @@
 """The native engine (``train.engine=native``, the default): moe_dist runs backward, its own
 gradient reduction (``distributed/grad_sync.py``) or none, the torch AdamW step and DCP
-checkpoints readable at any layout (``distributed/checkpoint.py``)."""
+checkpoints readable at any layout (``distributed/checkpoint.py``). With
+``train.offload_optimizer`` (one process) the AdamW state lives on the host
+(``train/offload.py``)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import logging
 import warnings
 from pathlib import Path
 
+import torch
+
 from moe_dist.metrics import DeviceMeans
 from moe_dist.moe.routing import adaptive
 from moe_dist.train import checkpoint as ckpt
+from moe_dist.train.offload import OffloadedAdamW, OffloadPlan
 from moe_dist.train.optim import build_optimizer, build_scheduler
 from moe_dist.train.trainer import Trainer
 
@@ -21,10 +26,20 @@ logger = logging.getLogger(__name__)
 class NativeTrainer(Trainer):
     """:class:`Trainer` on moe_dist's own plan (``moe_dist.train.plan``)."""
 
+    def _place_model(self) -> None:
+        if not self.cfg.train.offload_optimizer:  # offload: OffloadedAdamW places the device copy
+            super()._place_model()
+
     def _configure_parallelism(self) -> None:
-        """moe_dist's own plan (TP/EP + gradient hooks, or the identity alone), AdamW, cosine."""
-        self.plan = self.rt.parallelize(self.model, self.cfg)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        """moe_dist's own plan (TP/EP + gradient hooks, or the identity alone), AdamW, cosine;
+        with ``train.offload_optimizer`` (one process) the host-offloaded AdamW and its plan."""
+        if self.cfg.train.offload_optimizer:
+            compute_dtype = self.rt.autocast_dtype(self.cfg.train.dtype) or torch.float32
+            self.optimizer = OffloadedAdamW(self.model, self.cfg.train, self.device, compute_dtype)
+            self.plan = OffloadPlan(self.model, self.optimizer)
+        else:
+            self.plan = self.rt.parallelize(self.model, self.cfg)
+            self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
 
     # ------------------------------------------------------------------ checkpoints
