@@ -242,3 +242,27 @@ def test_summarize_groups_new_benchmarks_and_ratios():
     assert column("train_step", "vs_dense") == ["0.9", "", ""]  # eager moe has no eager dense row
     assert column("logging_cost", "relative_cost_pct") == ["0.42"]
     assert column("profile_step", "gap_ms") == ["20.0"]
+
+
+def test_run_gpu_stages_match_docs():
+    """The stages docs/performance.md names for issue 19 exist in run_gpu.sh, run what it says,
+    and are in the default run; the layer stage's default shapes include the Qwen3-like one."""
+    import re
+
+    script = (REPO / "benchmarks" / "run_gpu.sh").read_text()
+    cases = dict(re.findall(r"^\s{4}(\w+)\)(.*?);;", script, flags=re.M | re.S))
+    assert "--compile-mode reduce-overhead" in cases["train_compile_graphs"]
+    assert "max-autotune-no-cudagraphs" in cases["train_autotune"]
+    assert "benchmarks.logging_cost" in cases["logging"]
+    assert "benchmarks.profile_step" in cases["train_profile"]
+    for stage in ("train_compile", "logging", "train_profile"):
+        assert '--compile-mode "$COMPILE_MODE"' in cases[stage]
+    default = re.search(r"^STAGES=\$\{\*:-(.*)\}$", script, flags=re.M).group(1).split()
+    assert {"layer", "train_compile_graphs", "logging", "train_profile"} <= set(default)
+    assert "qwen3" in moe_layer.SHAPES and "$LAYER_ARGS" in cases["layer"]  # --shapes defaults to all
+    docs = (REPO / "docs" / "performance.md").read_text()
+    how_to = docs[docs.index("## How to reproduce"):docs.index("## One MoE layer")]
+    named = set(re.findall(r"`(\w+)`", how_to))
+    assert {"train_compile_graphs", "train_autotune", "logging", "train_profile"} <= named
+    for command in re.findall(r"run_gpu\.sh ([\w ]+)", how_to):
+        assert set(command.split()) <= set(cases) | {"tests", "syncs"}, command
