@@ -26,6 +26,13 @@ counted, not left to the next block). Reported: median and mean step time per mo
 relative cost ``(every1 - off) / off`` of both. On CUDA the record also counts the host syncs of one
 logging step under ``torch.cuda.set_sync_debug_mode("warn")`` (copies to the host;
 ``ThroughputMeter.measure``'s explicit ``torch.cuda.synchronize`` is one more, not counted there).
+
+Host syncs of one logging step, read from the code (single process, top-k router): the copy of
+the window means to the host (``DeviceMeans.pop``; it waits for the whole step), the averaged
+means' copy to the device and back (``_log_window``), ``ThroughputMeter.measure``'s
+``torch.cuda.synchronize``, and the expert-load counters' copy (``ExpertLoadTracker.collect``).
+At ``log.every=1`` the first of them drains the queue at every step, so the host can no longer
+run ahead of the device: the next step's launches start from an idle device.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ class LoggingHarness(Trainer):
     """
 
     def __init__(self, setup: TrainSetup, device: torch.device, run_dir: Path, log_cfg: LogConfig,
-                 total_steps: int) -> None:  # noqa: D107 - no super().__init__: see the class docstring
+                 total_steps: int) -> None:  # no super().__init__(): see the class docstring
         self.device = device
         self.run_dir = run_dir
         self.model = setup.model
@@ -212,11 +219,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for index in range(rounds):
             for mode in (MODES if index % 2 == 0 else MODES[::-1]):
                 times[mode] += run_block(mode, block, setup, harness, means, marks, device)
-        # One more logging step under the sync detector (CUDA only).
-        syncs = count_host_syncs(lambda: (harness.record_step(setup.step(), means, setup.tokens_per_step),
-                                          harness.log_step(means)))
+        # One more step, its logging under the sync detector (CUDA only).
+        harness.record_step(setup.step(), means, setup.tokens_per_step)
+        syncs = count_host_syncs(lambda: harness.log_step(means))
         if syncs is None:
-            harness.record_step(setup.step(), means, setup.tokens_per_step)
             harness.log_step(means)
         harness.metrics.close()
         logged_steps = len((run_dir / "metrics.jsonl").read_text().splitlines())
