@@ -171,6 +171,15 @@ class MoEConfig:
     """Always-active shared experts (DeepSeek style), evaluated as one dense SwiGLU."""
     grouped_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"
     """Expert GEMM backend. 'auto' uses torch._grouped_mm when shapes allow, else the loop."""
+    dispatch_chunks: int = 1
+    """Expert parallelism: split each MoE layer's all-to-all dispatch into this many chunks, so
+    that the exchange of chunk i+1 and the return of chunk i-1 overlap the experts of chunk i
+    (a contiguous 1/n of every expert's rows per chunk; the same drops as unchunked). Needs
+    parallel.ep > 1, parallel.etp = 1 and model.arch=transformer. 1 disables it."""
+    overlap_shared_experts: bool = True
+    """Compute the shared experts concurrently with the routed ones: on CUDA (eager) on a side
+    stream; on other devices, with dispatch_chunks > 1, while the first dispatch all-to-all is in
+    flight. The same math either way. False computes them after the routed experts."""
     router: RouterConfig = field(default_factory=RouterConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
 
@@ -179,6 +188,8 @@ class MoEConfig:
         require(self.every >= 0, f"moe.every ({self.every}) must be >= 0 (0 = dense model)")
         require(self.num_shared_experts >= 0,
                  f"moe.num_shared_experts ({self.num_shared_experts}) must be >= 0")
+        require(self.dispatch_chunks >= 1,
+                 f"moe.dispatch_chunks ({self.dispatch_chunks}) must be >= 1 (1 disables chunking)")
         if self.enabled:
             adaptive = self.router.adaptive
             for name in ("initial_experts", "max_experts"):

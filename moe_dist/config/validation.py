@@ -39,6 +39,8 @@ def validate(cfg: Config, world_size: int) -> None:
              "use tp=1 with da_moe (expert and data parallelism work)")
     if par.etp > 1:
         _validate_etp(cfg, world_size)
+    if cfg.moe.dispatch_chunks > 1:
+        _validate_dispatch_chunks(cfg)
     require(cfg.model.n_heads % par.tp == 0,
              f"model.n_heads ({cfg.model.n_heads}) must be divisible by parallel.tp ({par.tp}); "
              f"use tp in {[d for d in divisors(cfg.model.n_heads) if world_size % d == 0]}")
@@ -76,6 +78,21 @@ def _validate_etp(cfg: Config, world_size: int) -> None:
     require(ffn % par.etp == 0,
             f"{what} must be divisible by parallel.etp ({par.etp}): each etp rank holds ffn/etp "
             f"columns of every expert; use etp in {usable or [1]} or moe.expert_ffn_dim={round_up(ffn, par.etp)}")
+
+
+def _validate_dispatch_chunks(cfg: Config) -> None:
+    """What moe.dispatch_chunks > 1 (chunked all-to-all overlap, docs/parallelism.md) needs."""
+    par, chunks = cfg.parallel, cfg.moe.dispatch_chunks
+    require(cfg.moe.enabled and par.ep > 1,
+            f"moe.dispatch_chunks ({chunks}) > 1 overlaps the expert-parallel all-to-all, but parallel.ep is "
+            f"{par.ep}" + ("" if cfg.moe.enabled else " and the model is dense") + "; set moe.dispatch_chunks=1 "
+            "or use parallel.ep > 1")
+    require(par.etp == 1,
+            f"moe.dispatch_chunks ({chunks}) > 1 with parallel.etp ({par.etp}) > 1 is not supported: the etp "
+            "gather and reduce-scatter are not chunked; set moe.dispatch_chunks=1 or parallel.etp=1")
+    require(cfg.model.arch == "transformer",
+            f"moe.dispatch_chunks ({chunks}) > 1 with model.arch={cfg.model.arch}: only the plain transformer's "
+            "MoE layer dispatches in chunks; use model.arch=transformer or moe.dispatch_chunks=1")
 
 
 def _validate_fsdp(cfg: Config) -> None:

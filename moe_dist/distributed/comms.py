@@ -289,6 +289,115 @@ def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int],
 
 
 # --------------------------------------------------------------------------------------------
+# Split-phase autograd all-to-all (overlap with computation)
+# --------------------------------------------------------------------------------------------
+
+class AllToAllTicket:
+    """One split-phase all-to-all: what :func:`all_to_all_start` issued and :func:`all_to_all_wait`
+    waits for, in forward and (the gradient's exchange, splits swapped) in backward.
+
+    ``output_splits[j]`` rows come from rank j, ``input_splits[j]`` go to it, as in
+    :class:`AllToAll`. A ticket serves one start and one wait; make a new one per exchange.
+    """
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group: ProcessGroup | None,
+                 record: CollectiveRecord | None = None) -> None:
+        if group is None and list(output_splits) != list(input_splits):
+            raise ValueError(f"all_to_all_start without a group needs equal splits; got input_splits "
+                             f"{list(input_splits)}, output_splits {list(output_splits)}")
+        self.output_splits, self.input_splits = list(output_splits), list(input_splits)
+        self.group, self.record = group, record
+        self.work: Any = None
+        """The forward exchange in flight (None once waited for, or without a group)."""
+        self.grad_work: Any = None
+        """The backward exchange in flight, started by the wait's backward."""
+        self.grad_x: Tensor | None = None
+        """The receive buffer of the backward exchange: the gradient of the start's input."""
+
+
+def _a2a_start(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
+               group: ProcessGroup | None, record: CollectiveRecord | None, name: str) -> Any:
+    """Issue an uneven all-to-all without waiting; returns the work handle (None: no group, done)."""
+    _check_splits(inp, out, in_splits, out_splits, group)
+    if group is None:
+        out.copy_(inp)
+        return None
+    _record(record, name, group, inp, in_splits, out_splits)
+    return dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits),
+                                  input_split_sizes=list(in_splits), group=group, async_op=True)
+
+
+def _a2a_wait(work: Any, record: CollectiveRecord | None) -> None:
+    if work is not None:
+        work.wait()  # on CUDA: the current stream waits for the exchange (no host sync)
+        _done(record)
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Forward: issue the exchange of `x` and return its receive buffer, not yet filled.
+    Backward: wait for the gradient's exchange that :class:`_WaitAllToAll`'s backward issued."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, ticket: AllToAllTicket) -> Tensor:
+        ctx.ticket = ticket
+        out = x.new_empty((sum(ticket.output_splits), *x.shape[1:]))
+        # The input stays referenced by the work (gloo) or stashed by the process group (NCCL)
+        # until the wait, so it is neither freed nor reused while the exchange reads it.
+        ticket.work = _a2a_start(out, x.contiguous(), ticket.output_splits, ticket.input_splits,
+                                 ticket.group, ticket.record, "all_to_all(start)")
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
+        # grad_out is what the wait's backward passed through (it is being sent); the gradient of
+        # x is the receive buffer of that exchange.
+        ticket = ctx.ticket
+        _a2a_wait(ticket.grad_work, ticket.record)
+        grad_x, ticket.grad_work, ticket.grad_x = ticket.grad_x, None, None
+        return grad_x, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Forward: wait for the exchange and pass the filled buffer on. Backward: issue the
+    gradient's exchange (splits swapped) into ``ticket.grad_x``, which :class:`_StartAllToAll`'s
+    backward returns after waiting for it. Whatever autograd runs in between (other chunks'
+    backward) overlaps the exchange."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, ticket: AllToAllTicket) -> Tensor:
+        ctx.ticket = ticket
+        _a2a_wait(ticket.work, ticket.record)
+        ticket.work = None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        ticket = ctx.ticket
+        grad_out = grad_out.contiguous()
+        ticket.grad_x = grad_out.new_empty((sum(ticket.input_splits), *grad_out.shape[1:]))
+        ticket.grad_work = _a2a_start(ticket.grad_x, grad_out, ticket.input_splits, ticket.output_splits,
+                                      ticket.group, ticket.record, "all_to_all(start, backward)")
+        return grad_out, None  # passed through to the start's backward, which only keeps it alive
+
+
+def all_to_all_start(x: Tensor, ticket: AllToAllTicket) -> Tensor:
+    """Start the differentiable uneven all-to-all of `x` described by `ticket` and return at once.
+
+    The returned buffer is filled only after :func:`all_to_all_wait`; read nothing from it
+    before. Every rank must start its exchanges over one group in the same order (as for any
+    collective); several may be in flight at once. In backward the roles swap: the wait issues
+    the gradient's exchange, the start waits for it, so the gradient exchange overlaps the
+    backward of whatever was computed between the two in forward.
+    """
+    return _StartAllToAll.apply(x, ticket)
+
+
+def all_to_all_wait(buffer: Tensor, ticket: AllToAllTicket) -> Tensor:
+    """Wait for the exchange :func:`all_to_all_start` started; returns the filled buffer."""
+    return _WaitAllToAll.apply(buffer, ticket)
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd row all-gather / reduce-scatter, even or uneven (expert tensor parallelism)
 # --------------------------------------------------------------------------------------------
 

@@ -4,6 +4,14 @@
 The layer is written for one device. Expert parallelism replaces ``self.dispatcher`` with an
 all-to-all dispatcher and slices ``self.experts`` to the local shard (``apply_ep``); nothing
 else changes, which is what makes the single-process twin an exact reference.
+
+Overlap (the same math as the plain order, which is what runs on the CPU by default):
+
+* ``moe.overlap_shared_experts`` on CUDA (eager): the shared experts start on a side stream
+  before routing (:mod:`~moe_dist.moe.side_stream`) and are joined at the final sum;
+* ``moe.dispatch_chunks > 1`` under expert parallelism: the all-to-all dispatcher exchanges the
+  rows in chunks overlapped with the experts (:mod:`~moe_dist.moe.dispatch.pipelined`); off CUDA
+  the shared experts then run while the first chunk's exchange is in flight.
 """
 
 from __future__ import annotations
@@ -16,12 +24,15 @@ from moe_dist.config import MoEConfig
 from moe_dist.moe import capacity as cap
 from moe_dist.moe import capacity_dynamic
 from moe_dist.moe.capacity_dynamic import CapacityState
+from moe_dist.moe.dispatch.all_to_all import AllToAllDispatcher
 from moe_dist.moe.dispatch.local import LocalDispatcher
 from moe_dist.moe.dispatch.permutation import count_per_expert
+from moe_dist.moe.dispatch.pipelined import run_pipelined
 from moe_dist.moe.dispatch.protocol import Dispatcher
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.routing.factory import build_router
 from moe_dist.moe.routing.result import RoutingResult
+from moe_dist.moe.side_stream import SideWork, can_use_side_stream, start_on_side_stream
 from moe_dist.moe.stats import ExpertLoadStats
 
 
@@ -98,17 +109,41 @@ class MoELayer(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, seq_len, dim = x_BSD.shape
         x_TD = x_BSD.reshape(-1, dim)
+        overlap = self.shared_experts is not None and self.cfg.overlap_shared_experts
+        # On CUDA the shared experts start first, on a side stream, and overlap everything below.
+        side: SideWork | None = None
+        if overlap and can_use_side_stream(x_TD):
+            side = start_on_side_stream(self.shared_experts, x_TD)
         importance_T = None if token_importance_BS is None else token_importance_BS.reshape(-1)
         routing = self.route(x_TD, seq_len, importance_T)
         if self.training:
             self._record(routing)
 
-        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.indices, routing.valid)
-        expert_out = self.experts(expert_in, tokens_per_expert)
-        out_TD = self.dispatcher.combine(expert_out, routing.weights, handle)
+        shared_TD = None
+        if self.dispatches_in_chunks(x_TD):
+            # Off CUDA, the shared experts run while the first chunk's all-to-all is in flight.
+            side_work = (lambda: self.shared_experts(x_TD)) if overlap and side is None else None
+            out_TD, shared_TD = run_pipelined(self.dispatcher, x_TD, routing.indices, routing.valid,
+                                              routing.weights, self.experts, self.cfg.dispatch_chunks,
+                                              side_work)
+        else:
+            expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.indices, routing.valid)
+            expert_out = self.experts(expert_in, tokens_per_expert)
+            out_TD = self.dispatcher.combine(expert_out, routing.weights, handle)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            if side is not None:
+                shared_TD = side.join()
+            elif shared_TD is None:
+                shared_TD = self.shared_experts(x_TD)
+            out_TD = out_TD + shared_TD
         return out_TD.view(batch, seq_len, dim), routing.losses
+
+    def dispatches_in_chunks(self, x_TD: torch.Tensor) -> bool:
+        """Whether this forward exchanges its rows in ``moe.dispatch_chunks`` overlapped chunks:
+        under expert parallelism (an all-to-all dispatcher with a group), in eager mode (the
+        split-phase collectives are not traced by ``torch.compile``, which gets the plain path)."""
+        return (self.cfg.dispatch_chunks > 1 and isinstance(self.dispatcher, AllToAllDispatcher)
+                and self.dispatcher.ep_group is not None and not torch.compiler.is_compiling())
 
     @torch.no_grad()
     def _record(self, routing: RoutingResult) -> None:

@@ -42,6 +42,10 @@ class Case:
     """Expert tensor parallelism: each expert's FFN split over etp ranks (MoE view edp x ep x etp)."""
     router: str = "softmax_topk"
     """moe.router.type (top_k 2 is the cap of the variable-k routers)."""
+    dispatch_chunks: int = 1
+    """moe.dispatch_chunks: the all-to-all in overlapped chunks (the reference, one process, has none)."""
+    shared_experts: int = 0
+    """moe.num_shared_experts."""
 
 
 @dataclass
@@ -66,7 +70,8 @@ def build_model(case: Case) -> Transformer:
                           bias_update_rate=case.bias_rate or (1e-6 if case.force_experts else 0.0))
     capacity = CapacityConfig(policy="fixed", capacity_factor=1.0) if case.capacity else CapacityConfig()
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=SEQ_LEN),
-                        MoEConfig(num_experts=case.num_experts, router=router, capacity=capacity))
+                        MoEConfig(num_experts=case.num_experts, router=router, capacity=capacity,
+                                  dispatch_chunks=case.dispatch_chunks, num_shared_experts=case.shared_experts))
     if case.force_experts:
         for _, layer in model.moe_layers():
             for rank_of_choice, expert in enumerate(case.force_experts):

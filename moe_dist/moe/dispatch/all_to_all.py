@@ -108,10 +108,10 @@ class AllToAllDispatcher:
         capacity = self.capacity_fn(num_tokens, top_k) if self.capacity_fn is not None else None
         if capacity is None:
             return self._dispatch_dropless(x_sorted_ND, tokens_per_expert_E, state)
-        self._agree_on_shape(num_tokens, top_k, capacity, x_TD.device)
+        self.agree_on_capacity(num_tokens, top_k, capacity, x_TD.device)
         return self._dispatch_capacity(x_sorted_ND, tokens_per_expert_E, state, capacity)
 
-    def _agree_on_shape(self, num_tokens: int, top_k: int, capacity: int, device: torch.device) -> None:
+    def agree_on_capacity(self, num_tokens: int, top_k: int, capacity: int, device: torch.device) -> None:
         """Static splits need the same capacity on every ep rank; check once per token count, so
         that unequal micro-batches fail instead of running a mismatched all-to-all.
 

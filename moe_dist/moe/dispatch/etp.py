@@ -117,7 +117,7 @@ class EtpDispatcher:
 
     def _agree_on_rows(self, shape: tuple[int, ...], num_rows: int, device: torch.device) -> None:
         """The even gather needs the same row count on every etp rank; check once per token
-        count (as ``AllToAllDispatcher._agree_on_shape`` does over ep): one MAX all-reduce of
+        count (as ``AllToAllDispatcher.agree_on_capacity`` does over ep): one MAX all-reduce of
         ``[R, -R]``, read on the CPU (a ``ValueError`` on every rank), a device-side assert on CUDA."""
         if shape in self._agreed_shapes or self.etp_group is None:
             return

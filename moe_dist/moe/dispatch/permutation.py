@@ -61,13 +61,14 @@ def permute(x_TD: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
         x_sorted = x_TD.index_select(0, sort_order_N // top_k)
         return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k)
     # Fast path: one gather kernel forward, one K-row sum kernel backward.
-    inverse_TK = _inverse(sort_order_N).view(num_tokens, top_k)
+    inverse_TK = inverse_permutation(sort_order_N).view(num_tokens, top_k)
     x_sorted = permute_kernels.PermuteRows.apply(x_TD, sort_order_N, inverse_TK, valid_TK, True)
     return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k,
                                                      inverse_TK, valid_TK)
 
 
-def _inverse(sort_order_N: torch.Tensor) -> torch.Tensor:
+def inverse_permutation(sort_order_N: torch.Tensor) -> torch.Tensor:
+    """``inverse[order[i]] = i``: a scatter on the device (no host sync)."""
     inverse_N = torch.empty_like(sort_order_N)
     inverse_N[sort_order_N] = torch.arange(sort_order_N.numel(), device=sort_order_N.device)
     return inverse_N
@@ -83,7 +84,7 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState)
     if use_fast_kernels(y_ND) and y_ND.shape[0] == state.sort_order_N.numel():
         inverse_TK = state.inverse_TK
         if inverse_TK is None:
-            inverse_TK = _inverse(state.sort_order_N).view(state.num_tokens, state.top_k)
+            inverse_TK = inverse_permutation(state.sort_order_N).view(state.num_tokens, state.top_k)
         valid_TK = state.valid_TK
         if valid_TK is None and state.valid_N is not None:
             valid_TK = torch.empty_like(state.valid_N)
@@ -93,6 +94,7 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, state: PermuteState)
             y_ND, weights_TK, state.sort_order_N, inverse_TK, state.valid_N, valid_TK, True)
     if state.valid_N is not None:
         y_ND = torch.where(state.valid_N.unsqueeze(-1), y_ND, 0.0)
-    y_TKD = y_ND.index_select(0, _inverse(state.sort_order_N)).view(state.num_tokens, state.top_k, y_ND.shape[-1])
+    y_TKD = y_ND.index_select(0, inverse_permutation(state.sort_order_N)).view(
+        state.num_tokens, state.top_k, y_ND.shape[-1])
     out_TD = torch.einsum("tkd,tk->td", y_TKD.float(), weights_TK.float())
     return out_TD.to(y_ND.dtype)

@@ -1,0 +1,99 @@
+"""Overlap in the MoE layer on one GPU (issue 19, "Overlap under expert parallelism").
+
+* The shared experts on a side stream (``moe.overlap_shared_experts``, the default): output,
+  input gradient and every parameter gradient equal the sequential path (``False``) up to the
+  order in which autograd sums the input gradient's three contributions, in fp32 and bf16, dropless
+  and fixed capacity; the side stream is really taken; and a training step on one GPU stays free
+  of host syncs (``torch.cuda.set_sync_debug_mode("error")``).
+* Chunked expert-parallel dispatch (``moe.dispatch_chunks=4``) through the all-to-all dispatcher
+  of a simulated 4-rank group (torch's fake process group, as in test_host_syncs_gpu.py: no data
+  moves, so only syncs are checked): one host sync per dropless step and none with fixed
+  capacity, the same as unchunked.
+
+Throughput of either overlap is not measured here (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from test_host_syncs_gpu import assert_syncs, fake_ep_world, training_step  # noqa: E402
+
+from moe_dist.config import CapacityConfig, MoEConfig, ParallelConfig, RouterConfig  # noqa: E402
+from moe_dist.moe import layer as layer_module  # noqa: E402
+from moe_dist.moe.layer import MoELayer  # noqa: E402
+
+DIM, FFN, EXPERTS, BATCH, SEQ = 256, 512, 8, 2, 512
+
+
+def build_layer(policy: str, overlap: bool, dtype: torch.dtype, dispatch_chunks: int = 1) -> MoELayer:
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=EXPERTS, expert_ffn_dim=FFN, num_shared_experts=2,
+                    overlap_shared_experts=overlap, dispatch_chunks=dispatch_chunks,
+                    router=RouterConfig(top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3),
+                    capacity=CapacityConfig(policy=policy, capacity_factor=1.0))
+    return MoELayer(DIM, FFN, cfg).to("cuda", dtype).train()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("policy", ["dropless", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_side_stream_shared_experts_match_sequential(policy, dtype, monkeypatch):
+    started = []
+    real_start = layer_module.start_on_side_stream
+    monkeypatch.setattr(layer_module, "start_on_side_stream",
+                        lambda fn, x: started.append(x.shape) or real_start(fn, x))
+    x = torch.randn(BATCH, SEQ, DIM, device="cuda", dtype=dtype)
+    results = []
+    for overlap in (True, False):
+        layer = build_layer(policy, overlap, dtype)
+        x_in = x.clone().requires_grad_(True)
+        out = training_step(layer, x_in)
+        torch.cuda.synchronize()
+        results.append([("out", out.detach()), ("x.grad", x_in.grad)]
+                       + [(name, p.grad) for name, p in layer.named_parameters()])
+    assert len(started) == 1, "the overlapped layer did not start its shared experts on the side stream"
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    for (name, got), (_, want) in zip(*results):
+        assert got is not None and want is not None, name
+        assert rel_err(got, want) < bound, f"{name}: relative error {rel_err(got, want):.2e}"
+
+
+def test_side_stream_training_step_is_sync_free():
+    layer = build_layer("dropless", True, torch.bfloat16)
+    x = torch.randn(BATCH, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(2):  # warm-ups: Triton compilation, cuBLAS handles, the allocator
+        training_step(layer, x)
+    assert_syncs(lambda: training_step(layer, x), 0)
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("policy,expected", [("dropless", 1), ("fixed", 0)])
+def test_chunked_expert_parallel_step_syncs_as_unchunked(policy, expected):
+    from moe_dist.distributed.mesh import build_mesh
+    from moe_dist.models.expert_parallel import apply_ep
+
+    with fake_ep_world(4):
+        layer = build_layer(policy, True, torch.float32, dispatch_chunks=4)
+        apply_ep(layer, build_mesh(ParallelConfig(ep=4), 4, "cuda"))
+        x = torch.randn(BATCH, SEQ, DIM, device="cuda", requires_grad=True)
+        assert layer.dispatches_in_chunks(x.view(-1, DIM))
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return training_step(layer, x)
+
+        for _ in range(2):
+            step()
+        before = layer.dispatcher.host_syncs
+        assert_syncs(step, expected)
+        assert layer.dispatcher.host_syncs - before == expected
