@@ -1,6 +1,6 @@
 """Activation checkpointing under expert parallelism (2 gloo ranks, ep=2): 'full' recomputes each
-block in backward, all-to-alls included; losses, gradients and statistics must equal the run that
-keeps every activation, on every rank."""
+block in backward, all-to-alls included (also chunked, moe.dispatch_chunks=2); losses, gradients
+and statistics must equal the run that keeps every activation, on every rank."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ OVERRIDES = ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.ffn_d
              "moe.expert_ffn_dim=8", "moe.router.jitter=0.1", "moe.router.bias_update_rate=0.01",
              "parallel.ep=2"]
 CAPACITY = {"dropless": ["moe.capacity.policy=dropless"],
-            "fixed": ["moe.capacity.policy=fixed", "moe.capacity.capacity_factor=1.0"]}
+            "fixed": ["moe.capacity.policy=fixed", "moe.capacity.capacity_factor=1.0"],
+            # chunked dispatch (split-phase all-to-alls recomputed in backward), a shared expert
+            "chunked": ["moe.capacity.policy=dropless", "moe.dispatch_chunks=2", "moe.num_shared_experts=1"]}
 
 
 def _body(rank: int, world_size: int) -> list[str]:
@@ -65,4 +67,5 @@ def _body(rank: int, world_size: int) -> list[str]:
 
 def test_checkpointing_matches_under_expert_parallelism():
     results = run_distributed(_body, 2, timeout=240)
-    assert results[0] == results[1] == ["dropless/full", "dropless/selective", "fixed/full", "fixed/selective"]
+    assert results[0] == results[1] == ["dropless/full", "dropless/selective", "fixed/full", "fixed/selective",
+                                        "chunked/full", "chunked/selective"]
