@@ -18,7 +18,9 @@ code, called, not re-implemented:
   run directory). Sinks: ``build_sinks`` with ``log.tensorboard`` on, i.e. ``metrics.jsonl`` and
   TensorBoard behind one ``BackgroundSink``.
 
-Mode ``off`` skips the logging step. The modes alternate in blocks of ``--block`` steps (the order
+Mode ``off`` skips the logging step. A run this short stays within the first 128 logging windows,
+where every layer's load-over-time picture gains a row, so is drawn again, at every logging step
+(later, at every 2nd, 4th, ... one): 13 images a step for the 12-layer model, the costly end. The modes alternate in blocks of ``--block`` steps (the order
 flips every round, to cancel drift); each step is timed from its start to the next step's start
 (CUDA events, so the idle time a host sync leaves on the device counts), the last step of a
 logging block up to the end of a ``flush`` of the writer (so work the writer still has queued is
