@@ -60,11 +60,11 @@ for stage in $STAGES; do
       timeout 240 python3 tests/gpu/test_host_syncs_gpu.py 2>&1 | tee "$OUT/syncs.md"
       stamp "end syncs" ;;
     layer) run layer 240 python3 -m benchmarks.moe_layer $LAYER_ARGS ;;
-    layer_compile) run layer_compile 150 python3 -m benchmarks.moe_layer --systems moe_dist_compiled ;;
-    dispatch) run dispatch 90 python3 -m benchmarks.dispatch ;;
+    layer_compile) run layer_compile 200 python3 -m benchmarks.moe_layer --systems moe_dist_compiled ;;
+    dispatch) run dispatch 120 python3 -m benchmarks.dispatch ;;
     profile)
       stamp "start profile"
-      timeout 60 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
+      timeout 90 python3 -m benchmarks.profile_layer > "$OUT/profile.txt" 2>>"$OUT/profile.log"
       stamp "end profile" ;;
     train) run train 100 python3 -m benchmarks.train_step $TRAIN_ARGS ;;
     train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile-mode "$COMPILE_MODE" $TRAIN_ARGS ;;
