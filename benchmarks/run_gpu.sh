@@ -4,13 +4,15 @@
 #
 #   bash benchmarks/run_gpu.sh [stages...]
 #     stages: tests syncs layer dispatch train train_compile layer_compile profile
-#             train_compile_graphs logging train_profile train_reference train_autotune
-#     (default: all but train_reference and train_autotune, in that order)
+#             train_compile_graphs logging train_profile train_reference train_autotune largest
+#     (default: all but train_reference, train_autotune and largest, in that order)
 #
 # Expected durations on one H100 (each stage's timeout is in the case below): tests ~1-2 min, layer ~1.5 min
 # (three shapes), train_compile ~2 min, train_compile_graphs ~2 min, logging ~1 min,
 # train_profile ~1.5 min (Inductor's on-disk cache makes a second compile of the same model
-# faster), train_autotune several minutes (GEMM autotuning).
+# faster), train_autotune several minutes (GEMM autotuning), largest ~5-8 min (issue 15 section 6:
+# the 8.43B MoE of configs/scale/moe_8b_one_gpu.yaml with train.offload_optimizer; building the fp32
+# model on the host takes a minute or two, each optimizer step ~40 s; needs >= 110 GiB of host RAM).
 #
 # Results go to $OUT (default /tmp/moe_dist_gpu): results.jsonl (one JSON line per result),
 # *.log, profile.txt, summary.md. Wheels in .whl/ (megatron-core, deepspeed and their small
@@ -27,6 +29,9 @@ STAGES=${*:-tests syncs layer dispatch train train_compile layer_compile profile
 TESTS=${TESTS:-tests/gpu}
 LAYER_ARGS=${LAYER_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+# LARGEST_ARGS: flags of benchmarks/largest_model.py, e.g. "--micro-batch 4 --accum 128" or
+# "--checkpointing selective" (default: the 8.43B shape, micro-batch 2 x 256, no recompute).
+LARGEST_ARGS=${LARGEST_ARGS:-}
 COMPILE_MODE=${COMPILE_MODE:-default}
 START=$(date +%s)
 stamp() { echo "[run_gpu +$(( $(date +%s) - START ))s] $*"; }
@@ -76,6 +81,7 @@ for stage in $STAGES; do
     train_profile)  # kernel categories of the compiled MoE and dense steps (text table in train_profile.log)
       run train_profile 240 python3 -m benchmarks.profile_step --compile-mode "$COMPILE_MODE" ;;
     train_reference) run train_reference 120 python3 -m benchmarks.train_step --reference --models moe ;;
+    largest) run largest 590 python3 -m benchmarks.largest_model $LARGEST_ARGS ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

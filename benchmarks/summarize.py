@@ -28,6 +28,9 @@ COLUMNS = {
                      "relative_cost_pct", "relative_cost_pct_mean", "delta_ms", "host_syncs_per_log_step",
                      "logged_steps"],
     "profile_step": ["system", "category", "moe_ms", "dense_ms", "gap_ms", "moe_share", "dense_share"],
+    "largest_model": ["status", "offload", "checkpointing", "micro_batch", "accum", "total_params", "active_params",
+                      "step_s", "optimizer_s", "tokens_per_s", "tflops", "mfu", "peak_gpu_gib", "estimate_gpu_gib",
+                      "host_peak_rss_gib", "estimate_host_gib", "setup_s"],
 }
 
 

@@ -266,3 +266,23 @@ def test_run_gpu_stages_match_docs():
     assert {"train_compile_graphs", "train_autotune", "logging", "train_profile"} <= named
     for command in re.findall(r"run_gpu\.sh ([\w ]+)", how_to):
         assert set(command.split()) <= set(cases) | {"tests", "syncs"}, command
+
+
+def test_largest_model_tiny(capsys):
+    """The offloaded and on-device runs of benchmarks/largest_model.py train the same tiny model
+    on CPU: their losses agree (fp32 there), and the reported rates follow from the step time."""
+    from benchmarks import largest_model
+
+    offloaded = largest_model.main(["--tiny", "--steps", "2", "--warmup", "1"])[0]
+    on_device = largest_model.main(["--tiny", "--no-offload", "--steps", "2", "--warmup", "1"])[0]
+    assert _lines(capsys) == [offloaded, on_device]
+    for r in (offloaded, on_device):
+        assert r["status"] == "ok" and r["steps_timed"] == 2
+        assert r["tokens_per_step"] == r["micro_batch"] * r["accum"] * r["seq"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"], rel=1e-3)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 989e12, rel=1e-6)
+        assert 0 < r["optimizer_s"] < r["step_s"] and r["active_params"] < r["total_params"]
+    assert offloaded["offload"] and not on_device["offload"]
+    assert offloaded["loss_last"] == pytest.approx(on_device["loss_last"], abs=1e-3)
+    assert offloaded["loss_last"] < offloaded["loss_first"]
+    assert offloaded["estimate_host_gib"] > 0 and on_device["estimate_host_gib"] == 0
