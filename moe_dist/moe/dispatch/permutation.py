@@ -50,21 +50,36 @@ def permute(x_TD: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
     Invalid assignments are sorted to the end under a sentinel expert id and are not counted,
     so the shapes stay fixed (no host sync): the rows past ``tokens_per_expert.sum()`` are padding.
     """
-    num_tokens, top_k = indices_TK.shape
+    sort_order_N, tokens_per_expert = expert_sort(indices_TK, num_experts, valid_TK)
+    x_sorted, state = gather_in_order(x_TD, sort_order_N, indices_TK.shape[1], valid_TK)
+    return x_sorted, tokens_per_expert, state
+
+
+def expert_sort(indices_TK: torch.Tensor, num_experts: int,
+                valid_TK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [N]: the assignments (token-major t*K+k) sorted by expert, invalid ones last under
+    a sentinel id; tokens_per_expert [E], invalid ones not counted)."""
     experts_N = indices_TK.reshape(-1)
     if valid_TK is not None:
         experts_N = torch.where(valid_TK.reshape(-1), experts_N, num_experts)
     sort_order_N = torch.argsort(experts_N, stable=True)
     tokens_per_expert = count_per_expert(experts_N, num_experts + 1)[:num_experts]
-    valid_N = None if valid_TK is None else valid_TK.reshape(-1)[sort_order_N]
+    return sort_order_N, tokens_per_expert
+
+
+def gather_in_order(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int,
+                    valid_TK: torch.Tensor | None = None) -> tuple[torch.Tensor, PermuteState]:
+    """Row n of the result is the token of assignment ``order_N[n]``; the state lets
+    :func:`unpermute` put rows in this order back (any order of the N assignments works)."""
+    num_tokens = order_N.numel() // top_k
+    valid_N = None if valid_TK is None else valid_TK.reshape(-1)[order_N]
     if not use_fast_kernels(x_TD):
-        x_sorted = x_TD.index_select(0, sort_order_N // top_k)
-        return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k)
+        x_sorted = x_TD.index_select(0, order_N // top_k)
+        return x_sorted, PermuteState(order_N, valid_N, num_tokens, top_k)
     # Fast path: one gather kernel forward, one K-row sum kernel backward.
-    inverse_TK = inverse_permutation(sort_order_N).view(num_tokens, top_k)
-    x_sorted = permute_kernels.PermuteRows.apply(x_TD, sort_order_N, inverse_TK, valid_TK, True)
-    return x_sorted, tokens_per_expert, PermuteState(sort_order_N, valid_N, num_tokens, top_k,
-                                                     inverse_TK, valid_TK)
+    inverse_TK = inverse_permutation(order_N).view(num_tokens, top_k)
+    x_sorted = permute_kernels.PermuteRows.apply(x_TD, order_N, inverse_TK, valid_TK, True)
+    return x_sorted, PermuteState(order_N, valid_N, num_tokens, top_k, inverse_TK, valid_TK)
 
 
 def inverse_permutation(sort_order_N: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,13 @@ output is the same up to the summation order of the expert weight gradients.
 Shapes: T tokens, K slots, N = T*K assignments, D hidden, E global experts, P = ep ranks,
 L = E / P local experts, C per-expert capacity, n chunks.
 
-What a chunk is. The whole layer is permuted once (rows sorted by expert, as unchunked); chunk j
-then takes a contiguous 1/n of every expert's rows, so every chunk keeps every expert busy:
+What a chunk is. The layer's assignments are sorted by expert once, as unchunked; chunk j then
+takes a contiguous 1/n of every expert's rows, so every chunk keeps every expert busy:
 
 * dropless: rows ``[floor(j*c_e/n), floor((j+1)*c_e/n))`` of expert e's ``c_e`` rows. The
   per-(expert, chunk) counts of all chunks travel in one count exchange and one host read (the
-  same one host sync per layer as unchunked);
+  same one host sync per layer as unchunked). The rows are gathered straight into chunk order
+  and un-permuted from it, so chunking adds no pass over the rows;
 * fixed capacity: slots ``[floor(j*C/n), floor((j+1)*C/n))`` of each expert's C slots, so a chunk
   is a static ``[E, C_j]`` buffer and the drops are exactly the unchunked layer's (capacity is
   decided on the whole layer's tokens). No host sync, as unchunked.
@@ -46,7 +47,7 @@ import torch
 from moe_dist.distributed import comms
 from moe_dist.moe.dispatch.all_to_all import (AllToAllDispatcher, capacity_slots, local_expert_major_order,
                                               sorted_expert_ids)
-from moe_dist.moe.dispatch.permutation import inverse_permutation, permute, unpermute
+from moe_dist.moe.dispatch.permutation import expert_sort, gather_in_order, inverse_permutation, unpermute
 from moe_dist.moe.experts import to_autocast_dtype
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,17 +63,23 @@ def run_pipelined(dispatcher: AllToAllDispatcher, x_TD: torch.Tensor, indices_TK
     if num_chunks < 1:
         raise ValueError(f"num_chunks ({num_chunks}) must be >= 1")
     x_TD = to_autocast_dtype(x_TD)
-    x_sorted_ND, tokens_per_expert_E, state = permute(x_TD, indices_TK, dispatcher.num_experts, valid_TK)
+    sort_order_N, tokens_per_expert_E = expert_sort(indices_TK, dispatcher.num_experts, valid_TK)
     num_tokens, top_k = indices_TK.shape
     capacity = dispatcher.capacity_fn(num_tokens, top_k) if dispatcher.capacity_fn is not None else None
     chunks: _Chunks
     if capacity is None:
-        chunks = DroplessChunks(dispatcher, x_sorted_ND, tokens_per_expert_E, num_chunks)
+        # Gather the rows straight into chunk order (expert sort, then chunk-major re-sort, as one
+        # permutation), and un-permute from that order: no extra pass over the rows.
+        order_N = sort_order_N.index_select(
+            0, chunk_major_order(tokens_per_expert_E, num_chunks, sort_order_N.numel()))
+        x_chunked_ND, state = gather_in_order(x_TD, order_N, top_k, valid_TK)
+        chunks = DroplessChunks(dispatcher, x_chunked_ND, tokens_per_expert_E, num_chunks)
     else:
         dispatcher.agree_on_capacity(num_tokens, top_k, capacity, x_TD.device)
+        x_sorted_ND, state = gather_in_order(x_TD, sort_order_N, top_k, valid_TK)
         chunks = CapacityChunks(dispatcher, x_sorted_ND, tokens_per_expert_E, capacity, num_chunks)
-    y_sorted_ND, side = _pipeline(chunks, experts, side_work)
-    return unpermute(y_sorted_ND, weights_TK, state), side
+    y_ND, side = _pipeline(chunks, experts, side_work)
+    return unpermute(y_ND, weights_TK, state), side
 
 
 class _Chunks(Protocol):
@@ -111,13 +118,17 @@ def _pipeline(chunks: _Chunks, experts: ExpertsFn, side_work: Callable[[], torch
 # --------------------------------------------------------------------------------------------
 
 class DroplessChunks:
-    """Chunk j holds rows ``[floor(j*c_e/n), floor((j+1)*c_e/n))`` of every expert e."""
+    """Chunk j holds rows ``[floor(j*c_e/n), floor((j+1)*c_e/n))`` of every expert e.
 
-    def __init__(self, dispatcher: AllToAllDispatcher, x_sorted_ND: torch.Tensor,
+    ``x_chunked_ND`` holds the rows in :func:`chunk_major_order` (chunk-major, expert-minor,
+    the uncounted tail last); :meth:`assemble` returns the outputs in that same order."""
+
+    def __init__(self, dispatcher: AllToAllDispatcher, x_chunked_ND: torch.Tensor,
                  tokens_per_expert_E: torch.Tensor, num_chunks: int) -> None:
         P, L, n = dispatcher.ep_size, dispatcher.num_local_experts, num_chunks
         self.dispatcher, self.num_chunks = dispatcher, n
-        self.num_rows = x_sorted_ND.shape[0]
+        self.x_chunked_ND = x_chunked_ND
+        self.num_rows = x_chunked_ND.shape[0]
         counts_En = chunk_counts(tokens_per_expert_E, n)
         # One count exchange for every chunk: the [E, n] counts are owner-contiguous like [E].
         self.recv_counts_PLn = comms.exchange_counts(counts_En.reshape(-1), dispatcher.ep_group,
@@ -129,8 +140,6 @@ class DroplessChunks:
         dispatcher.host_syncs += 1
         self.send_splits = [splits[j * P:(j + 1) * P] for j in range(n)]
         self.recv_splits = [splits[(n + j) * P:(n + j + 1) * P] for j in range(n)]
-        self.chunk_order_N = chunk_major_order(tokens_per_expert_E, n, self.num_rows)
-        self.x_chunked_ND = x_sorted_ND.index_select(0, self.chunk_order_N)
         sent = [sum(s) for s in self.send_splits]
         self.starts = [sum(sent[:j]) for j in range(n + 1)]
         self.local_order: list[torch.Tensor] = []
@@ -155,8 +164,7 @@ class DroplessChunks:
     def assemble(self, back: list[torch.Tensor]) -> torch.Tensor:
         # Always the same ops (an empty padding block too): the autograd graph must not depend on data.
         padding = back[0].new_zeros(self.num_rows - self.starts[-1], back[0].shape[1])
-        y_chunked = torch.cat([*back, padding])
-        return y_chunked.index_select(0, inverse_permutation(self.chunk_order_N))
+        return torch.cat([*back, padding])
 
 
 def chunk_counts(sizes_E: torch.Tensor, num_chunks: int) -> torch.Tensor:
