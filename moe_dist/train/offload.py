@@ -138,6 +138,8 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._swap_slots(model, {id(m): c for m, c in zip(masters, self.compute_params)})
         self.model = model
         _move_rest(model, device)
+        if compute_dtype != torch.float32:
+            _keep_fp32_residual_stream(model)
         largest = max((c.end - c.start for c in self.chunks), default=0)
         pin = self.cuda
         self._grad_host = [torch.empty(largest, dtype=torch.float32, pin_memory=pin) for _ in range(2)] if self.cuda else []
@@ -260,6 +262,15 @@ def _accumulate_into(main_grad: torch.Tensor):
         main_grad.add_(param.grad)
         param.grad = None
     return hook
+
+
+def _keep_fp32_residual_stream(model: nn.Module) -> None:
+    """Embedding lookups return fp32, as they do from fp32 weights under autocast: the residual
+    stream starts at the embedding's dtype and stays fp32 without offload (the memory estimate
+    counts it so), so it does with a bf16 table too."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.register_forward_hook(lambda _module, _inputs, output: output.float())
 
 
 def _move_rest(model: nn.Module, device: torch.device) -> None:

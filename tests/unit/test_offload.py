@@ -99,8 +99,10 @@ def test_gradients_accumulate_in_fp32_and_leave_no_param_grad():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(m.dtype == torch.float32 and m.device.type == "cpu" for m in optimizer.masters)
     rows = torch.randint(0, 64, (2, 9))
+    assert model.tok_embeddings(rows).dtype == torch.float32  # the residual stream stays fp32
     for _ in range(2):
-        out = model(rows[:, :-1])
+        with torch.autocast("cpu", torch.bfloat16):  # as the trainer runs a bf16 model
+            out = model(rows[:, :-1])
         out.logits.float().sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert optimizer.main_grads.dtype == torch.float32 and optimizer.main_grads.abs().sum() > 0
