@@ -10,7 +10,10 @@
   moves, so only syncs are checked): one host sync per dropless step and none with fixed
   capacity, the same as unchunked.
 
-Throughput of either overlap is not measured here (docs/performance.md).
+Throughput of either overlap is not measured by the tests. ``python
+tests/gpu/test_dispatch_overlap_gpu.py`` times the shared-expert side stream on one GPU: forward +
+backward of the fine-grained layer (h2048, f1408, E64, top-8, 2 shared experts, 8192 tokens, bf16)
+with ``overlap_shared_experts`` on and off, alternating, medians of CUDA-event timings.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
+if __name__ != "__main__" and not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from test_host_syncs_gpu import assert_syncs, fake_ep_world, training_step  # noqa: E402
@@ -97,3 +100,44 @@ def test_chunked_expert_parallel_step_syncs_as_unchunked(policy, expected):
         before = layer.dispatcher.host_syncs
         assert_syncs(step, expected)
         assert layer.dispatcher.host_syncs - before == expected
+
+
+def time_side_stream(repeats: int = 5, iters: int = 20) -> None:
+    """Median ms of forward + backward, side stream on and off, in alternating blocks."""
+    hidden, ffn, experts, top_k, shared, tokens = 2048, 1408, 64, 8, 2, 8192
+    x_in = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    layers = {}
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        cfg = MoEConfig(num_experts=experts, expert_ffn_dim=ffn, num_shared_experts=shared,
+                        overlap_shared_experts=overlap,
+                        router=RouterConfig(top_k=top_k, aux_loss_coef=0.0, z_loss_coef=0.0))
+        layers[overlap] = MoELayer(hidden, ffn, cfg).to("cuda", torch.bfloat16).train()
+
+    def step(layer: MoELayer) -> None:
+        out, _ = layer(x_in)
+        out.view(tokens, hidden).backward(grad)
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for layer in layers.values():
+        for _ in range(5):
+            step(layer)
+    for _ in range(repeats):
+        for overlap, layer in layers.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(iters):
+                step(layer)
+            end.record()
+            torch.cuda.synchronize()
+            times[overlap].append(start.elapsed_time(end) / iters)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"{torch.cuda.get_device_name()}: fine-grained layer fwd+bwd, side stream on "
+          f"{median[True]:.3f} ms, off {median[False]:.3f} ms, ratio on/off {median[True] / median[False]:.3f} "
+          f"(blocks: on {[round(t, 3) for t in times[True]]}, off {[round(t, 3) for t in times[False]]})")
+
+
+if __name__ == "__main__":
+    time_side_stream()
