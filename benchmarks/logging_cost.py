@@ -18,9 +18,10 @@ code, called, not re-implemented:
   run directory). Sinks: ``build_sinks`` with ``log.tensorboard`` on, i.e. ``metrics.jsonl`` and
   TensorBoard behind one ``BackgroundSink``.
 
-Mode ``off`` skips the logging step. A run this short stays within the first 128 logging windows,
-where every layer's load-over-time picture gains a row, so is drawn again, at every logging step
-(later, at every 2nd, 4th, ... one): 13 images a step for the 12-layer model, the costly end. The modes alternate in blocks of ``--block`` steps (the order
+Mode ``off`` skips the logging step. The images (the heat map and the 12 layers' load-over-time
+pictures) are drawn at most once per ``log.image_every`` steps (``--image-every``, default the
+config's 100); ``--image-every 1`` draws all 13 at every step, as the trainer did before that key
+existed, the costly end. The modes alternate in blocks of ``--block`` steps (the order
 flips every round, to cancel drift); each step is timed from its start to the next step's start
 (CUDA events, so the idle time a host sync leaves on the device counts), the last step of a
 logging block up to the end of a ``flush`` of the writer (so work the writer still has queued is
@@ -84,7 +85,8 @@ class LoggingHarness(Trainer):
         self.optimizer = setup.optimizer
         self.rt = Runtime(LaunchEnv.single(), ParallelMesh.single(), device)
         self.plan = LocalPlan(setup.model)
-        self.load_tracker = ExpertLoadTracker.from_model(setup.model, reduce_fn=self.plan.sum_over_token_ranks)
+        self.load_tracker = ExpertLoadTracker.from_model(setup.model, reduce_fn=self.plan.sum_over_token_ranks,
+                                                         image_every=log_cfg.image_every)
         self.flops_per_token = setup.flops_per_token
         self.peak_tflops = resolve_peak_tflops(log_cfg.peak_tflops, device)
         self.step = 0
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=None, help="steps per mode before timing")
     parser.add_argument("--rounds", type=int, default=None, help="timed blocks per mode")
     parser.add_argument("--block", type=int, default=8, help="steps per block")
+    parser.add_argument("--image-every", type=int, default=LogConfig.image_every,
+                        help="log.image_every: fewest steps between two drawings of the load images")
     parser.add_argument("--run-dir", default=None, help="where the metrics go (default: a temporary directory)")
     args = parser.parse_args(argv)
     resolve_compile_mode(args)
@@ -201,11 +205,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size = TINY if args.tiny else FULL
     base = {"bench": "logging_cost", "model": args.model, "system": "moe_dist" + compile_mode_label(args.compile_mode),
             "compile_mode": args.compile_mode or "eager", "log_every": 1, "tensorboard": True,
+            "image_every": args.image_every,
             "block": block, "rounds": rounds, "seq_len": size["seq_len"], "batch": size["batch"],
             "device": gpu_name(device)}
     setup = build_setup(args.model, size, device, args.optimizer, args.compile_mode,
                         clip_grad=lambda model: LocalPlan(model).clip_grad_norm_(GRAD_CLIP))
-    log_cfg = LogConfig(every=1, tensorboard=True, progress_bar=False)
+    log_cfg = LogConfig(every=1, tensorboard=True, progress_bar=False, image_every=args.image_every)
     total_steps = 2 * warmup + 2 * rounds * block + 1
     with contextlib.ExitStack() as stack:
         run_dir = Path(args.run_dir) if args.run_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))

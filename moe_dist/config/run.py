@@ -186,6 +186,10 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 10
     """Write metrics every this many steps (device-side accumulation in between)."""
+    image_every: int = 100
+    """Draw the expert-load images (the load heat map and each layer's load over time) at most
+    once per this many steps; their scalars and histograms follow log.every. Drawing them takes
+    the background writer tens of ms, which at log.every=1 slows the training loop."""
     tensorboard: bool = True
     """Write TensorBoard event files into <run_dir>/tb."""
     progress_bar: bool = True
@@ -205,6 +209,8 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         require(self.every > 0, f"log.every ({self.every}) must be positive")
+        require(self.image_every > 0, f"log.image_every ({self.image_every}) must be positive, e.g. "
+                "log.image_every=100")
         require(not self.wandb or bool(self.wandb_project.strip()),
                  "log.wandb_project is empty; name a W&B project, e.g. log.wandb_project=moe_dist")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,21 +115,30 @@ class ExpertLoadTracker:
     """
 
     def __init__(self, stats_modules: Sequence[ExpertLoadStats], layer_ids: Sequence[int],
-                 reduce_fn: ReduceFn | None = None) -> None:
+                 reduce_fn: ReduceFn | None = None, image_every: int = 1) -> None:
         if len(stats_modules) != len(layer_ids):
             raise ValueError(f"ExpertLoadTracker got {len(stats_modules)} stats modules but "
                              f"{len(layer_ids)} layer ids; pass one layer id per module")
         if len(set(layer_ids)) != len(layer_ids):
             raise ValueError(f"ExpertLoadTracker layer_ids {list(layer_ids)} repeat a layer; "
                              "each MoE layer must appear once")
+        if image_every < 1:
+            raise ValueError(f"ExpertLoadTracker image_every must be >= 1, got {image_every}")
         self.stats_modules = list(stats_modules)
         self.layer_ids = [int(i) for i in layer_ids]
         self.reduce_fn = reduce_fn
         self.history: dict[int, LoadHistory] = {}
         """Per layer id, the loads of the windows written so far (logging rank only)."""
+        self.image_every = image_every
+        """Fewest steps between two drawings of the images: drawing ~13 pictures takes tens of ms
+        of the writer thread's time, and that thread shares the GIL with the training loop."""
+        self._last_image_step: int | None = None
+        self._gained_rows: set[int] = set()
+        """Layers whose over-time picture gained a row since it was last drawn."""
 
     @classmethod
-    def from_model(cls, model: nn.Module, reduce_fn: ReduceFn | None = None) -> ExpertLoadTracker:
+    def from_model(cls, model: nn.Module, reduce_fn: ReduceFn | None = None,
+                   image_every: int = 1) -> ExpertLoadTracker:
         """Finds every ExpertLoadStats in ``model``; the layer id is the first numeric
         component of its module path (``layers.3.mlp.load_stats`` -> 3)."""
         modules, layer_ids = [], []
@@ -142,7 +151,7 @@ class ExpertLoadTracker:
                                      "with explicit layer_ids")
                 modules.append(module)
                 layer_ids.append(int(match.group(1)))
-        return cls(modules, layer_ids, reduce_fn)
+        return cls(modules, layer_ids, reduce_fn, image_every)
 
     def __len__(self) -> int:
         return len(self.stats_modules)
@@ -179,15 +188,17 @@ class ExpertLoadTracker:
         return ExpertLoadReport(layers=layers)
 
     def write(self, report: ExpertLoadReport, sink: MetricsSink | MetricsLogger, step: int) -> None:
-        """Log per-layer scalars and load histograms, the ``moe/load_heatmap`` image, and each
-        layer's ``moe/layer_{i}/load_over_time`` image when its picture gains a row.
+        """Log per-layer scalars and load histograms at every call; the ``moe/load_heatmap`` image
+        and each layer's ``moe/layer_{i}/load_over_time`` image at the first call and then once at
+        least ``image_every`` steps have passed since the last drawing (the over-time pictures
+        still gain a row at every call).
 
         The images are handed to a :class:`MetricsLogger` as render functions, so that a logger
         over a background writer draws them on its worker thread (a few ms each)."""
         if isinstance(sink, MetricsLogger) and not sink.enabled:
             return
         scalars: dict[str, float] = {}
-        over_time: list[tuple[int, Callable[[], np.ndarray]]] = []
+        draw = self._last_image_step is None or step - self._last_image_step >= self.image_every
         for layer in report.layers:
             if layer.tokens <= 0:
                 continue
@@ -199,16 +210,21 @@ class ExpertLoadTracker:
             sink.histogram(step, f"{prefix}/load", layer.load)
             history = self.history.setdefault(layer.layer_id, LoadHistory(HISTORY_ROWS))
             if history.add(step, layer.load):
-                matrix, steps = history.matrix()
-                over_time.append((layer.layer_id, functools.partial(
-                    render_load_over_time, matrix, steps, layer.layer_id, history.windows_per_row)))
+                self._gained_rows.add(layer.layer_id)
         if scalars:
             sink.scalars(step, scalars)
+        if scalars and draw:
+            self._last_image_step = step
             loads = report.heatmap
             layer_ids = [layer.layer_id for layer in report.layers]
             deferred = isinstance(sink, MetricsLogger)
             images = [(HEATMAP_TAG, functools.partial(render_load_heatmap, loads, layer_ids, step))]
-            images += [(OVER_TIME_TAG.format(layer=layer_id), render) for layer_id, render in over_time]
+            for layer_id in sorted(self._gained_rows):
+                history = self.history[layer_id]
+                matrix, steps = history.matrix()
+                render = functools.partial(render_load_over_time, matrix, steps, layer_id, history.windows_per_row)
+                images.append((OVER_TIME_TAG.format(layer=layer_id), render))
+            self._gained_rows.clear()
             for tag, render in images:
                 sink.image(step, tag, render if deferred else render())
 

@@ -90,7 +90,8 @@ class Trainer:
                                        max(1, cfg.train.eval_batches // mesh.dp_size), mesh.dp_rank, mesh.dp_size)
         self.autocast_dtype = runtime.autocast_dtype(cfg.train.dtype)
 
-        self.load_tracker = ExpertLoadTracker.from_model(self.model, reduce_fn=self.plan.sum_over_token_ranks)
+        self.load_tracker = ExpertLoadTracker.from_model(self.model, reduce_fn=self.plan.sum_over_token_ranks,
+                                                         image_every=cfg.log.image_every)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len,
                                                         model=self.model).total
         self.peak_tflops = resolve_peak_tflops(cfg.log.peak_tflops, self.device)

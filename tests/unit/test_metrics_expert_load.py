@@ -143,3 +143,36 @@ def test_write_logs_documented_tags(tmp_path):
 def tracker_report_loads():
     """The [layers, experts] loads of test_write_logs_documented_tags' first window."""
     return np.array([[3 / 7, 2 / 7, 2 / 7, 0.0], [0.5, 0.5, np.nan, np.nan]])
+
+
+def test_images_are_drawn_at_most_once_per_image_every_steps(tmp_path):
+    """Scalars and histograms at every write; the pictures at the first write and then once
+    ``image_every`` steps have passed, with every row gained in between (a row per window)."""
+    stats = _stats([1, 1], [1, 1], 1)
+    tracker = ExpertLoadTracker([stats], layer_ids=[0], image_every=3)
+    logger = MetricsLogger([TensorBoardSink(tmp_path)])
+    for step in range(1, 9):
+        stats.update(torch.tensor([step, 1]), torch.tensor([step, 1]), 1)
+        tracker.write(tracker.collect(), logger, step=step)
+    logger.close()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("moe/layer_0/imbalance")] == list(range(1, 9))
+    assert [e.step for e in acc.Histograms("moe/layer_0/load")] == list(range(1, 9))
+    assert [image.step for image in acc.Images("moe/load_heatmap")] == [1, 4, 7]
+    over_time = acc.Images("moe/layer_0/load_over_time")
+    assert [image.step for image in over_time] == [1, 4, 7]
+    # The step-7 picture has all seven windows as rows: the same pixels as drawing them directly.
+    history = tracker.history[0]
+    matrix, steps = history.matrix()
+    assert steps == list(range(1, 9)) and matrix.shape == (8, 2)
+    from moe_dist.metrics.expert_load import render_load_over_time
+    expected = render_load_over_time(matrix[:7], steps[:7], 0, 1)
+    decoded = np.asarray(Image.open(io.BytesIO(over_time[-1].encoded_image_string)).convert("RGB"))
+    assert (decoded.transpose(2, 0, 1) == expected).all()
+
+
+def test_image_every_must_be_positive():
+    with pytest.raises(ValueError, match="image_every must be >= 1, got 0"):
+        ExpertLoadTracker([_stats([1], [1], 1)], layer_ids=[0], image_every=0)
