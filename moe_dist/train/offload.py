@@ -55,6 +55,11 @@ DEFAULT_CHUNK_NUMEL = 1 << 26
 """Elements per host step chunk (64M: 256 MiB of fp32 gradients); a larger parameter is its own
 chunk. Two chunks of gradients and two of weights are pinned on the host."""
 
+ALIGN_ELEMENTS = 64
+"""Each parameter starts at a multiple of this many elements of the flat buffers (128 bytes in
+bf16): kernels such as ``torch._grouped_mm`` need 16-byte aligned weights. The gaps stay zero
+in the gradient buffer."""
+
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
@@ -121,8 +126,10 @@ class OffloadedAdamW(torch.optim.AdamW):
         self.device = device
         self.compute_dtype = compute_dtype
         self.cuda = device.type == "cuda"
-        sizes = [m.numel() for m in masters]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        sizes = [-(-m.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS for m in masters]  # padded
+        self.offsets = [0] * len(sizes)
+        for i in range(1, len(sizes)):
+            self.offsets[i] = self.offsets[i - 1] + sizes[i - 1]
         total = sum(sizes)
         self.chunks = _plan_chunks(sizes, chunk_numel)
         self.flat_params = torch.empty(total, dtype=compute_dtype, device=device)
@@ -141,9 +148,10 @@ class OffloadedAdamW(torch.optim.AdamW):
         if compute_dtype != torch.float32:
             _keep_fp32_residual_stream(model)
         largest = max((c.end - c.start for c in self.chunks), default=0)
-        pin = self.cuda
-        self._grad_host = [torch.empty(largest, dtype=torch.float32, pin_memory=pin) for _ in range(2)] if self.cuda else []
-        self._weight_host = [torch.empty(largest, dtype=compute_dtype, pin_memory=pin) for _ in range(2)] if self.cuda else []
+        # two pinned buffers each way on CUDA: chunk i's and chunk i+1's copies (none on the host)
+        buffers = 2 if self.cuda else 0
+        self._grad_host = [torch.empty(largest, dtype=torch.float32, pin_memory=True) for _ in range(buffers)]
+        self._weight_host = [torch.zeros(largest, dtype=compute_dtype, pin_memory=True) for _ in range(buffers)]
         self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if self.cuda else None
         self.copy_masters_to_device()
 
@@ -179,7 +187,7 @@ class OffloadedAdamW(torch.optim.AdamW):
     def _cat_masters(self, chunk: _Chunk, out: torch.Tensor | None) -> torch.Tensor:
         """The chunk's masters, flat, cast to the compute dtype (into ``out`` when given)."""
         if out is None:
-            out = torch.empty(chunk.end - chunk.start, dtype=self.compute_dtype)
+            out = torch.zeros(chunk.end - chunk.start, dtype=self.compute_dtype)
         for index in chunk.members:
             offset = self.offsets[index] - chunk.start
             master = self.masters[index]

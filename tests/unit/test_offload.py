@@ -98,6 +98,8 @@ def test_gradients_accumulate_in_fp32_and_leave_no_param_grad():
     optimizer = OffloadedAdamW(model, cfg.train, torch.device("cpu"), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(m.dtype == torch.float32 and m.device.type == "cpu" for m in optimizer.masters)
+    base = optimizer.flat_params.data_ptr()
+    assert all((p.data_ptr() - base) % 128 == 0 for p in model.parameters())  # aligned for grouped GEMMs
     rows = torch.randint(0, 64, (2, 9))
     assert model.tok_embeddings(rows).dtype == torch.float32  # the residual stream stays fp32
     for _ in range(2):
