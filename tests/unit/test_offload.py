@@ -199,3 +199,19 @@ def test_the_estimate_moves_master_weights_and_moments_to_the_host():
     assert (est.params, est.gradients, est.optimizer, est.optimizer_on_host) == (2 * n, 4 * n, 0, 12 * n)
     assert est.activations == base.activations and base.params + base.gradients + base.optimizer == 16 * n
     assert "on the host" in est.describe()
+
+
+def test_the_one_gpu_config_is_what_its_header_says():
+    """configs/scale/moe_8b_one_gpu.yaml: >= 8B parameters with offload, ~47 GiB of weights and
+    gradient buffer on the GPU, ~94 GiB on the host, 256 micro-batches of 2 (~1M tokens) per step."""
+    from pathlib import Path
+
+    from moe_dist.config import grad_accum_steps
+    from moe_dist.train.memory import GIB
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "scale" / "moe_8b_one_gpu.yaml"
+    cfg = load_config(str(path), [])
+    est = estimate_memory(cfg, 1, 80 * GIB, cfg.train.activation_checkpointing)
+    assert cfg.train.offload_optimizer and est.total_params >= 8e9 and est.fits
+    assert round((est.params + est.gradients) / GIB) == 47 and round(est.optimizer_on_host / GIB) == 94
+    assert grad_accum_steps(cfg, 1) == 256 and cfg.train.global_batch_size * cfg.data.seq_len == 1 << 20
