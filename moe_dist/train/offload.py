@@ -222,6 +222,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         compute = torch.cuda.current_stream(self.device)
         to_host, to_device = self._streams
         to_host.wait_stream(compute)  # the clipped main grads are final
+        to_device.wait_stream(compute)  # backward has read the weights the copies overwrite
         grads_ready: list[torch.cuda.Event] = []
         weights_sent: list[torch.cuda.Event] = []
 
