@@ -8,8 +8,10 @@ A sweep file (YAML)::
     runs:                           # a list of override dicts (optional) ...
       - {moe.num_experts: 1, moe.router.top_k: 1}
       - {name: wide, moe.num_experts: 8}   # 'name' sets the directory name explicitly
+      - {name: sh, base: ../switchhead.yaml}  # 'base': this run's own base config (optional)
     grid:                           # ... and/or a cartesian product over dotted keys
       moe.router.type: [softmax_topk, sigmoid_topk]
+    seeds: [0, 1, 2]                # optional: every run once per train.seed (see below)
     world_size: 1                   # processes per run (local: torchrun when > 1); used to validate
 
 Dotted overrides on the command line are applied to every run, above the file's ``overrides``
@@ -19,7 +21,9 @@ Dotted overrides on the command line are applied to every run, above the file's 
 
 They do not change the run names, so give such a variant its own ``--out``.
 
-With both ``runs`` and ``grid`` every run entry is combined with every grid point. Each run
+With both ``runs`` and ``grid`` every run entry is combined with every grid point. ``seeds``
+repeats every run once per seed (``train.seed``, named ``<run>,seed=<s>``), seed by seed: all
+runs of the first seed come first, so a sweep cut short holds whole seeds. Each run
 trains into ``<out>/<run name>``, where the name is built from the run's own overrides
 (``num_experts=8,top_k=2``): stable across invocations, so a second ``moe-dist sweep`` finds the
 same directories, skips the runs that finished (a checkpoint at ``train.steps`` exists) and
@@ -27,7 +31,12 @@ resumes the others from their newest checkpoint (``checkpoint.resume=auto``). Ev
 is loaded and validated before the first one starts.
 
 Locally the runs go one after another, each as its own ``moe-dist train`` process (a crash in
-one run does not stop the sweep; its log is ``<out>/logs/<name>.log``). ``--slurm`` writes one
+one run does not stop the sweep; its log is ``<out>/logs/<name>.log``). ``--parallel N`` keeps up
+to N of them running at once (small models on one GPU are launch-bound, so several share it
+well); ``--run-timeout S`` stops a run after S seconds and ``--time-limit S`` stops the whole
+sweep after S seconds (runs still going are stopped, runs not yet started are not started).
+Every run's outcome (done, failed with its exit code, timeout, not started, skipped) is printed
+and written to ``<out>/sweep_status.json``. ``--slurm`` writes one
 override line per run to ``<out>/slurm-overrides.txt`` and submits ``slurm/sweep-array.sbatch``
 as an array of the unfinished runs; ``<out>/.slurm-index/<i>`` links array task i to its run
 directory.
@@ -36,12 +45,14 @@ directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +68,7 @@ from moe_dist.help_text import plain_text
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_SBATCH = REPO_ROOT / "slurm" / "sweep-array.sbatch"
 DEFAULT_BASE = REPO_ROOT / "configs" / "tiny.yaml"
-_SPEC_KEYS = {"name", "base", "overrides", "grid", "runs", "world_size", "slurm"}
+_SPEC_KEYS = {"name", "base", "overrides", "grid", "runs", "seeds", "world_size", "slurm"}
 _MAX_NAME = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
 
@@ -69,6 +80,8 @@ class SweepRun:
     name: str
     overrides: dict[str, Any]
     """Dotted key -> value of this run, in sweep-file order (common overrides excluded)."""
+    base: Path | None = None
+    """This run's own base config (a run entry's ``base``); None uses the sweep's."""
 
 
 @dataclass
@@ -81,6 +94,10 @@ class Sweep:
     runs: list[SweepRun]
     world_size: int = 1
     slurm_args: list[str] = field(default_factory=list)
+
+    def base_of(self, run: SweepRun) -> Path:
+        """The base config file of ``run``: its own, else the sweep's."""
+        return run.base or self.base
 
     def override_args(self, run: SweepRun) -> list[str]:
         """``key=value`` arguments of ``run`` for ``moe-dist train`` (common first, run wins)."""
@@ -155,8 +172,10 @@ def run_name(overrides: dict[str, Any], short: dict[str, str]) -> str:
     return text
 
 
-def expand_runs(runs: list[dict[str, Any]] | None, grid: dict[str, list] | None) -> list[SweepRun]:
-    """Every run entry crossed with every grid point, named from its overrides."""
+def expand_runs(runs: list[dict[str, Any]] | None, grid: dict[str, list] | None,
+                root: Path | None = None) -> list[SweepRun]:
+    """Every run entry crossed with every grid point, named from its overrides. A run entry's
+    ``base`` (a config file, relative to ``root``, the sweep file's directory) is its own base."""
     entries = [dict(entry) for entry in (runs or [{}])]
     grid = flatten_overrides(grid or {})
     for key, values in grid.items():
@@ -168,12 +187,18 @@ def expand_runs(runs: list[dict[str, Any]] | None, grid: dict[str, list] | None)
         if not isinstance(entry, dict):
             raise ConfigError(f"sweep runs[{index}] must be a mapping of overrides, got {entry!r}")
         explicit = entry.pop("name", None)
+        base = entry.pop("base", None)
+        if base is not None:
+            base = Path(str(base))
+            base = base if base.is_absolute() or root is None else (root / base).resolve()
+            if not base.is_file():
+                raise ConfigError(f"sweep runs[{index}]: base {str(base)!r} is not a config file")
         for point in points:
-            combos.append((explicit, {**flatten_overrides(entry), **point}))
-    swept = list(dict.fromkeys(key for _, overrides in combos for key in overrides))
+            combos.append((explicit, base, {**flatten_overrides(entry), **point}))
+    swept = list(dict.fromkeys(key for _, _, overrides in combos for key in overrides))
     short = short_keys(swept)
     result, seen = [], {}
-    for explicit, overrides in combos:
+    for explicit, base, overrides in combos:
         grid_part = {key: overrides[key] for key in grid}
         if explicit is not None:
             name = _UNSAFE.sub("_", str(explicit))
@@ -184,7 +209,7 @@ def expand_runs(runs: list[dict[str, Any]] | None, grid: dict[str, list] | None)
             raise ConfigError(f"sweep runs {seen[name]} and {overrides} would share the directory {name!r}; "
                               "give one of them a distinct 'name'")
         seen[name] = overrides
-        result.append(SweepRun(name, overrides))
+        result.append(SweepRun(name, overrides, base))
     return result
 
 
@@ -211,10 +236,25 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"sweep file {path}: world_size ({world_size!r}) must be a positive integer")
     slurm = spec.get("slurm") or {}
     slurm_args = [str(a) for a in slurm.get("args", [])] if isinstance(slurm, dict) else []
+    runs = expand_runs(spec.get("runs"), spec.get("grid"), path.parent)
+    if spec.get("seeds") is not None:
+        runs = repeat_over_seeds(runs, spec["seeds"], f"sweep file {path}")
     return Sweep(name=_UNSAFE.sub("_", name), base=base or DEFAULT_BASE,
-                 common=flatten_overrides(spec.get("overrides") or {}),
-                 runs=expand_runs(spec.get("runs"), spec.get("grid")), world_size=world_size,
+                 common=flatten_overrides(spec.get("overrides") or {}), runs=runs, world_size=world_size,
                  slurm_args=slurm_args)
+
+
+def repeat_over_seeds(runs: list[SweepRun], seeds: Any, where: str) -> list[SweepRun]:
+    """Every run once per seed (train.seed), seed-major; names get ``,seed=<s>``."""
+    if (not isinstance(seeds, list) or not seeds or len(set(map(repr, seeds))) != len(seeds)
+            or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)):
+        raise ConfigError(f"{where}: seeds ({seeds!r}) must be a non-empty list of distinct integers, e.g. [0, 1, 2]")
+    fixed = [run.name for run in runs if "train.seed" in run.overrides]
+    if fixed:
+        raise ConfigError(f"{where}: run(s) {', '.join(fixed[:3])} set train.seed, which 'seeds' sets; "
+                          "drop one of the two")
+    return [SweepRun(f"seed={seed}" if run.name == "base" else f"{run.name},seed={seed}",
+                     {**run.overrides, "train.seed": seed}, run.base) for seed in seeds for run in runs]
 
 
 
@@ -268,11 +308,14 @@ def check_runs(sweep: Sweep, out: Path, for_slurm: bool = False) -> dict[str, Co
     for run in sweep.runs:
         args = sweep.override_args(run)
         try:
-            cfg = load_config(sweep.base, args)
+            cfg = load_config(sweep.base_of(run), args)
             validate(cfg, sweep.world_size)
         except ConfigError as exc:
             errors.append(f"run {run.name!r}: {exc}")
             continue
+        if for_slurm and run.base is not None:
+            errors.append(f"run {run.name!r} has its own base ({run.base}), which a Slurm array (one --config "
+                          "for every task) cannot carry; run the sweep locally or split it by base config")
         if for_slurm:
             spaced = [arg for arg in args if any(ch.isspace() for ch in arg)]
             if spaced:
@@ -301,7 +344,7 @@ def check_runs(sweep: Sweep, out: Path, for_slurm: bool = False) -> dict[str, Co
 
 def train_command(sweep: Sweep, run: SweepRun, run_dir: Path) -> list[str]:
     """The ``moe-dist train`` command of one run (under torchrun when world_size > 1)."""
-    train = ["-m", "moe_dist.cli", "train", "--config", str(sweep.base), "--run-dir", str(run_dir),
+    train = ["-m", "moe_dist.cli", "train", "--config", str(sweep.base_of(run)), "--run-dir", str(run_dir),
              *sweep.override_args(run)]
     if sweep.world_size == 1:
         return [sys.executable, *train]
@@ -309,44 +352,134 @@ def train_command(sweep: Sweep, run: SweepRun, run_dir: Path) -> list[str]:
             f"--nproc-per-node={sweep.world_size}", *train]
 
 
-def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool = False) -> int:
-    """Run the unfinished runs one after another; 0 when every run finished."""
+@dataclass
+class _Running:
+    """A run whose ``moe-dist train`` process is going."""
+
+    run: SweepRun
+    prefix: str
+    process: subprocess.Popen
+    log: Any
+    started: float
+
+
+def _stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM to each run's process group at once (the trainer saves and exits), SIGKILL to
+    the groups still alive ``grace`` seconds later."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.0, end - time.monotonic()))
+    for process in processes:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool = False, parallel: int = 1,
+              run_timeout: float = 0.0, time_limit: float = 0.0) -> int:
+    """Run the unfinished runs, up to ``parallel`` at once; 0 when every run finished.
+
+    ``run_timeout`` (seconds, 0 = none) stops a run that takes longer; ``time_limit`` (seconds,
+    0 = none) stops the sweep: runs still going are stopped and the rest are not started. Each
+    outcome is printed and kept in ``<out>/sweep_status.json``."""
     logs = out / "logs"
-    failed = []
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    sweep_start = time.monotonic()
+    deadline = sweep_start + time_limit if time_limit > 0 else None
+    status: dict[str, dict[str, Any]] = {}
+    pending = []
     for index, run in enumerate(sweep.runs):
         run_dir = out / run.name
-        status = run_status(run_dir, configs[run.name])
+        state = run_status(run_dir, configs[run.name])
         command = train_command(sweep, run, run_dir)
         prefix = f"[sweep {sweep.name} {index + 1}/{len(sweep.runs)}] {run.name}:"
-        if status == "finished":
+        if state == "finished":
             print(f"{prefix} finished, skipped", flush=True)
+            status[run.name] = {"status": "skipped", "reason": "finished before this invocation"}
             continue
-        print(f"{prefix} {'start' if status == 'new' else status.replace('@', ' from step ')}"
-              f"{' (dry run)' if dry_run else ''}\n    {shlex.join(command)}", flush=True)
         if dry_run:
+            print(f"{prefix} {'start' if state == 'new' else state.replace('@', ' from step ')} (dry run)\n"
+                  f"    {shlex.join(command)}", flush=True)
             continue
-        logs.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        with open(logs / f"{run.name}.log", "a", encoding="utf-8") as log:
-            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-            log.flush()
-            try:
-                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-            except KeyboardInterrupt:  # the training process got the same Ctrl-C
-                print(f"{prefix} interrupted; run the same command again to resume", flush=True)
-                return 130
-        seconds = time.monotonic() - start
-        if code == 0:
-            print(f"{prefix} done in {seconds:.1f} s", flush=True)
-        else:
-            failed.append(run.name)
-            print(f"{prefix} FAILED with exit code {code} after {seconds:.1f} s; see {logs / (run.name + '.log')}",
-                  flush=True)
-    if failed:
-        print(f"[sweep {sweep.name}] {len(failed)} run(s) failed: {', '.join(failed)}; run the sweep again to "
-              "resume them", flush=True)
+        pending.append((run, prefix, state, command))
+    if dry_run:
+        return 0
+
+    def record(run: SweepRun, **fields: Any) -> None:
+        status[run.name] = {**fields, "log": str(logs / f"{run.name}.log")}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep_status.json").write_text(json.dumps(status, indent=1) + "\n")
+
+    running: list[_Running] = []
+    try:
+        while pending or running:
+            now = time.monotonic()
+            while pending and len(running) < parallel and (deadline is None or now < deadline):
+                run, prefix, state, command = pending.pop(0)
+                print(f"{prefix} {'start' if state == 'new' else state.replace('@', ' from step ')}\n"
+                      f"    {shlex.join(command)}", flush=True)
+                logs.mkdir(parents=True, exist_ok=True)
+                log = open(logs / f"{run.name}.log", "a", encoding="utf-8")
+                log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+                log.flush()
+                # Its own session, so that a timeout can stop the run with everything it started.
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)
+                running.append(_Running(run, prefix, process, log, time.monotonic()))
+            if deadline is not None and now >= deadline and pending:
+                for run, prefix, _, _ in pending:
+                    print(f"{prefix} NOT STARTED: the sweep's time limit ({time_limit:g} s) has passed", flush=True)
+                    record(run, status="not_started", reason=f"time limit {time_limit:g} s")
+                pending = []
+            now = time.monotonic()
+            over_sweep = deadline is not None and now > deadline
+            late = [item for item in running if item.process.poll() is None
+                    and (over_sweep or (run_timeout > 0 and now - item.started > run_timeout))]
+            _stop([item.process for item in late])
+            for item in list(running):
+                seconds = time.monotonic() - item.started
+                code = item.process.poll()
+                if item in late:
+                    limit = (f"run timeout {run_timeout:g} s" if run_timeout > 0 and now - item.started > run_timeout
+                             else f"sweep time limit {time_limit:g} s")
+                    print(f"{item.prefix} TIMEOUT: stopped after {seconds:.1f} s ({limit}); see "
+                          f"{logs / (item.run.name + '.log')}", flush=True)
+                    record(item.run, status="timeout", exit_code=code, seconds=round(seconds, 1), reason=limit)
+                elif code is None:
+                    continue
+                elif code == 0:
+                    print(f"{item.prefix} done in {seconds:.1f} s", flush=True)
+                    record(item.run, status="done", exit_code=0, seconds=round(seconds, 1))
+                else:
+                    print(f"{item.prefix} FAILED with exit code {code} after {seconds:.1f} s; see "
+                          f"{logs / (item.run.name + '.log')}", flush=True)
+                    record(item.run, status="failed", exit_code=code, seconds=round(seconds, 1))
+                item.log.close()
+                running.remove(item)
+            if running:
+                time.sleep(0.2)
+    except KeyboardInterrupt:  # the runs have their own sessions: pass the Ctrl-C on
+        for item in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(item.process.pid, signal.SIGINT)
+        for item in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                item.process.wait(timeout=60)
+            record(item.run, status="interrupted", exit_code=item.process.returncode)
+        print(f"[sweep {sweep.name}] interrupted; run the same command again to resume", flush=True)
+        return 130
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_status.json").write_text(json.dumps(status, indent=1) + "\n")
+    bad = [name for name, entry in status.items() if entry["status"] not in ("done", "skipped")]
+    if bad:
+        print(f"[sweep {sweep.name}] {len(bad)} run(s) failed: {', '.join(bad)}; run the sweep again to "
+              f"resume them (status: {out / 'sweep_status.json'})", flush=True)
         return 1
     return 0
 
@@ -412,12 +545,25 @@ def register(subparsers) -> None:
                         help="extra sbatch flag (repeatable), e.g. --sbatch-arg=--gpus-per-node=0")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print each run's status and command, and start nothing")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="local sweeps: up to N runs at once, each its own process (default 1)")
+    parser.add_argument("--run-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="local sweeps: stop a run after this many seconds, recorded as a timeout (0 = none)")
+    parser.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                        help="local sweeps: stop the whole sweep after this many seconds; runs not started by "
+                             "then are recorded as not started (0 = none)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides applied to every run, e.g. train.steps=10")
     parser.set_defaults(handler=_sweep)
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.parallel < 1 or args.run_timeout < 0 or args.time_limit < 0:
+        raise ConfigError(f"--parallel ({args.parallel}) must be >= 1 and --run-timeout ({args.run_timeout}), "
+                          f"--time-limit ({args.time_limit}) >= 0 (0 = no limit)")
+    if args.slurm and (args.parallel != 1 or args.run_timeout or args.time_limit):
+        raise ConfigError("--parallel, --run-timeout and --time-limit apply to local sweeps; Slurm runs the array "
+                          "tasks itself (set its limits with --sbatch-arg, e.g. --sbatch-arg=--time=01:00:00)")
     sweep = load_sweep(args.config)
     apply_overrides(sweep, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
@@ -426,4 +572,5 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"[sweep {sweep.name}] {len(sweep.runs)} run(s) from {sweep.base} into {out}{every}", flush=True)
     if args.slurm:
         return submit_slurm(sweep, out, configs, args.sbatch_arg, dry_run=args.dry_run)
-    return run_local(sweep, out, configs, dry_run=args.dry_run)
+    return run_local(sweep, out, configs, dry_run=args.dry_run, parallel=args.parallel,
+                     run_timeout=args.run_timeout, time_limit=args.time_limit)

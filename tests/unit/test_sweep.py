@@ -4,6 +4,7 @@ runner (with a stand-in train command) and the Slurm submission (with a stand-in
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,96 @@ def test_command_line_overrides_reach_every_run_but_not_swept_keys(tmp_path, cap
     with pytest.raises(ConfigError, match=r"override 'moe.num_experts=8': moe.num_experts is swept by the sweep "
                                           r"file \(runs num_experts=2, num_experts=4\)"):
         sweep_mod.apply_overrides(load_sweep(path), ["moe.num_experts=8"])
+
+
+def test_a_run_entry_can_have_its_own_base_config(tmp_path):
+    configs = Path(sweep_mod.REPO_ROOT) / "configs"
+    path = write_sweep(tmp_path, f"base: {configs / 'tiny.yaml'}\n"
+                                 "runs:\n  - {name: plain}\n"
+                                 f"  - {{name: sh, base: {configs / 'switchhead.yaml'}, model.switchhead.top_k: 1}}\n")
+    sweep = load_sweep(path)
+    plain, sh = sweep.runs
+    assert plain.base is None and sh.base == configs / "switchhead.yaml"
+    assert sweep_mod.train_command(sweep, sh, tmp_path / "sh")[5] == str(configs / "switchhead.yaml")
+    assert sweep_mod.train_command(sweep, plain, tmp_path / "p")[5] == str(configs / "tiny.yaml")
+    loaded = check_runs(sweep, tmp_path)
+    assert loaded["sh"].model.arch == "switchhead" and loaded["sh"].model.switchhead.top_k == 1
+    assert loaded["plain"].model.arch == "transformer"
+    with pytest.raises(ConfigError, match="run 'sh' has its own base .* Slurm array"):
+        check_runs(sweep, tmp_path, for_slurm=True)
+    relative = write_sweep(tmp_path, "runs:\n  - {base: nowhere.yaml}\n")
+    with pytest.raises(ConfigError, match=r"runs\[0\]: base .*nowhere.yaml' is not a config file"):
+        load_sweep(relative)
+
+
+def test_seeds_repeat_every_run_seed_by_seed(tmp_path):
+    path = write_sweep(tmp_path, "runs:\n  - {name: a}\n  - {name: b, moe.num_experts: 4}\nseeds: [0, 7]\n")
+    runs = load_sweep(path).runs
+    assert [run.name for run in runs] == ["a,seed=0", "b,seed=0", "a,seed=7", "b,seed=7"]
+    assert [run.overrides.get("train.seed") for run in runs] == [0, 0, 7, 7]
+    assert runs[3].overrides == {"moe.num_experts": 4, "train.seed": 7}
+    for bad in ("[]", "[0, 0]", "[1.5]", "3"):
+        with pytest.raises(ConfigError, match="seeds .* must be a non-empty list of distinct integers"):
+            load_sweep(write_sweep(tmp_path, f"runs: [{{name: a}}]\nseeds: {bad}\n"))
+    with pytest.raises(ConfigError, match="run\\(s\\) seed=1 set train.seed, which 'seeds' sets"):
+        load_sweep(write_sweep(tmp_path, "grid: {train.seed: [1]}\nseeds: [0]\n"))
+
+
+def _stand_in(monkeypatch, script: str) -> None:
+    """`moe-dist train` replaced by a Python snippet that gets the run's name as argv[1]."""
+    monkeypatch.setattr(sweep_mod, "train_command",
+                        lambda sw, run, run_dir: [sys.executable, "-c", script, run.name])
+
+
+def test_parallel_runner_overlaps_runs_and_records_every_outcome(tmp_path, monkeypatch, capsys):
+    runs = expand_runs([{"name": "ok1"}, {"name": "ok2"}, {"name": "crash"}, {"name": "slow"}], None)
+    sweep = _sweep(runs)
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    # Each stand-in writes its start and end time; 'crash' exits 5, 'slow' outlives the run timeout.
+    script = (f"import sys, time; name = sys.argv[1]; p = {str(stamps)!r} + '/' + name; "
+              "open(p + '.start', 'w').write(repr(time.time())); "
+              "time.sleep(60 if name == 'slow' else 2.5); "
+              "open(p + '.end', 'w').write(repr(time.time())); sys.exit(5 if name == 'crash' else 0)")
+    _stand_in(monkeypatch, script)
+    started = time.monotonic()
+    code = sweep_mod.run_local(sweep, tmp_path, check_runs(sweep, tmp_path), parallel=4, run_timeout=5)
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert code == 1
+    assert elapsed < 20  # 'slow' was stopped, not waited for
+    starts = {name: float((stamps / f"{name}.start").read_text()) for name in ("ok1", "ok2", "crash", "slow")}
+    ends = {name: float((stamps / f"{name}.end").read_text()) for name in ("ok1", "ok2", "crash")}
+    assert max(starts.values()) < min(ends.values())  # all four were running at once
+    assert not (stamps / "slow.end").exists()
+    status = json.loads((tmp_path / "sweep_status.json").read_text())
+    assert {name: entry["status"] for name, entry in status.items()} == {
+        "ok1": "done", "ok2": "done", "crash": "failed", "slow": "timeout"}
+    assert status["crash"]["exit_code"] == 5 and status["slow"]["reason"] == "run timeout 5 s"
+    assert "crash: FAILED with exit code 5" in out and "slow: TIMEOUT: stopped after" in out
+    assert "2 run(s) failed: crash, slow" in out
+
+
+def test_time_limit_stops_running_runs_and_starts_no_more(tmp_path, monkeypatch, capsys):
+    runs = expand_runs([{"name": "a"}, {"name": "b"}, {"name": "c"}], None)
+    sweep = _sweep(runs)
+    _stand_in(monkeypatch, "import time; time.sleep(60)")
+    started = time.monotonic()
+    code = sweep_mod.run_local(sweep, tmp_path, check_runs(sweep, tmp_path), parallel=2, time_limit=2)
+    assert time.monotonic() - started < 20
+    status = json.loads((tmp_path / "sweep_status.json").read_text())
+    assert code == 1
+    assert {name: entry["status"] for name, entry in status.items()} == {
+        "a": "timeout", "b": "timeout", "c": "not_started"}
+    out = capsys.readouterr().out
+    assert "c: NOT STARTED: the sweep's time limit (2 s) has passed" in out
+
+
+def test_parallel_options_are_checked(tmp_path, capsys):
+    from moe_dist.cli import main
+
+    path = write_sweep(tmp_path, f"base: {sweep_mod.DEFAULT_BASE}\nruns: [{{name: a}}]\n")
+    for args, message in ((["--parallel", "0"], "--parallel (0) must be >= 1"),
+                          (["--slurm", "--parallel", "2"], "--parallel, --run-timeout and --time-limit apply to local")):
+        assert main(["sweep", "--config", str(path), "--out", str(tmp_path / "o"), "--dry-run", *args]) == 2
+        assert message in capsys.readouterr().err
