@@ -48,6 +48,16 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def start_on_side_stream(self, x: torch.Tensor) -> SideWork:
+        """``forward(x)`` issued on the side CUDA stream (see :mod:`~moe_dist.moe.side_stream`).
+
+        The weights are viewed on the current stream first: the autograd nodes that hand their
+        gradients to AccumulateGrad then belong to the current stream, so the engine makes it
+        wait for the side stream before accumulating, and gradient-reduction hooks (which read
+        every gradient of a bucket on one stream) never see a gradient still being written."""
+        w1, w3, w2 = (lin.weight.view_as(lin.weight) for lin in (self.w1, self.w3, self.w2))
+        return start_on_side_stream(lambda h: F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2), x)
+
 
 class MoELayer(nn.Module):
     """A mixture-of-experts SwiGLU MLP. ``forward`` returns ``(out, losses)``."""
@@ -113,7 +123,7 @@ class MoELayer(nn.Module):
         # On CUDA the shared experts start first, on a side stream, and overlap everything below.
         side: SideWork | None = None
         if overlap and can_use_side_stream(x_TD):
-            side = start_on_side_stream(self.shared_experts, x_TD)
+            side = self.shared_experts.start_on_side_stream(x_TD)
         importance_T = None if token_importance_BS is None else token_importance_BS.reshape(-1)
         routing = self.route(x_TD, seq_len, importance_T)
         if self.training:

@@ -3,8 +3,9 @@
 * The shared experts on a side stream (``moe.overlap_shared_experts``, the default): output,
   input gradient and every parameter gradient equal the sequential path (``False``) up to the
   order in which autograd sums the input gradient's three contributions, in fp32 and bf16, dropless
-  and fixed capacity; the side stream is really taken; and a training step on one GPU stays free
-  of host syncs (``torch.cuda.set_sync_debug_mode("error")``).
+  and fixed capacity; the side stream is really taken; the shared weights' gradients are
+  accumulated (and their reduction hooks run) on the compute stream; and a training step on one
+  GPU stays free of host syncs (``torch.cuda.set_sync_debug_mode("error")``).
 * Chunked expert-parallel dispatch (``moe.dispatch_chunks=4``) through the all-to-all dispatcher
   of a simulated 4-rank group (torch's fake process group, as in test_host_syncs_gpu.py: no data
   moves, so only syncs are checked): one host sync per dropless step and none with fixed
@@ -69,6 +70,23 @@ def test_side_stream_shared_experts_match_sequential(policy, dtype, monkeypatch)
     for (name, got), (_, want) in zip(*results):
         assert got is not None and want is not None, name
         assert rel_err(got, want) < bound, f"{name}: relative error {rel_err(got, want):.2e}"
+
+
+def test_shared_expert_gradients_accumulate_on_the_current_stream():
+    """Gradient-reduction hooks (``post_accumulate_grad``) of the shared experts' weights run
+    with the compute stream current, never the side stream: a hook that reads a bucket of
+    gradients on one stream then never reads one the side stream is still writing."""
+    from moe_dist.moe.side_stream import side_stream
+
+    layer = build_layer("dropless", True, torch.bfloat16)
+    x = torch.randn(BATCH, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    main = torch.cuda.current_stream()
+    seen = []
+    for param in layer.shared_experts.parameters():
+        param.register_post_accumulate_grad_hook(lambda p: seen.append(torch.cuda.current_stream()))
+    training_step(layer, x)
+    torch.cuda.synchronize()
+    assert len(seen) == 3 and all(s == main for s in seen), (seen, main, side_stream(x.device))
 
 
 def test_side_stream_training_step_is_sync_free():

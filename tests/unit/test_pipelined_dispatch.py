@@ -139,3 +139,32 @@ def test_layer_takes_the_plain_path_under_torch_compile(monkeypatch):
     assert layer.dispatches_in_chunks(x_TD)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not layer.dispatches_in_chunks(x_TD)
+
+
+def test_side_stream_path_computes_the_same_shared_experts(monkeypatch):
+    """The side-stream branch (weights viewed on the current stream, SwiGLU written with
+    F.linear) gives the same output and parameter gradients, bit for bit, as the module call, and
+    the same input gradient up to the order autograd sums its three parts in; the stream itself is
+    replaced by an inline call here (CUDA is tested in tests/gpu)."""
+    from moe_dist.moe import layer as layer_module
+
+    class Inline:
+        def __init__(self, result):
+            self.result = result
+
+        def join(self):
+            return self.result
+
+    results = []
+    for side in (True, False):
+        monkeypatch.setattr(layer_module, "can_use_side_stream", lambda x, side=side: side)
+        monkeypatch.setattr(layer_module, "start_on_side_stream", lambda fn, x: Inline(fn(x)))
+        torch.manual_seed(5)
+        layer = MoELayer(8, 16, MoEConfig(num_experts=4, num_shared_experts=2))
+        x = torch.randn(2, 5, 8, requires_grad=True)
+        out, _ = layer(x)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad for p in layer.parameters()] + [x.grad])
+    for got, want in zip(results[0][:-1], results[1][:-1]):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(results[0][-1], results[1][-1], rtol=1e-6, atol=1e-7)
