@@ -4,7 +4,8 @@ Parity: 3 AdamW steps of the tiny MoE Transformer with chunked dispatch and a sh
 match the single-process (unchunked) model -- every micro-batch loss, the clipped grad norm,
 every gradient and the final parameters (``parity.check_against_reference``) -- at ep=2 on 2
 ranks and edp=2 x ep=2 on 4, dropless and with fixed capacity, plus ep=4 with every token
-routed to experts 0 and 1 (three ranks receive no row in any chunk). Host syncs stay one per
+routed to experts 0 and 1 (three ranks receive no row in any chunk), and edp=2 x ep=2 under FSDP2
+(the experts' FSDP unit runs once per chunk). Host syncs stay one per
 dropless layer forward, none with fixed capacity, as unchunked.
 
 No deadlock: 1,000 forward+backward steps of one chunked MoE layer on 2 ranks whose token counts
@@ -29,6 +30,9 @@ WORLD4 = [
     Case("edp2xep2_chunks2_capacity_shared", dp=4, ep=2, capacity=True, dispatch_chunks=2, shared_experts=1),
     Case("ep4_chunks3_zero_tokens_dropless", dp=4, ep=4, num_experts=8, force_experts=(0, 1),
          dispatch_chunks=3, shared_experts=1),
+    # FSDP2 shards the experts over edp and runs their module once per chunk
+    Case("fsdp_edp2xep2_chunks2_capacity_shared", dp=4, ep=2, capacity=True, fsdp=True, dispatch_chunks=2,
+         shared_experts=1),
 ]
 
 
