@@ -15,7 +15,8 @@ The model is built in fp32 on the host; those parameters become the masters (no 
 module gets a device copy in the compute dtype, a view into one flat device buffer. Each compute
 parameter's ``register_post_accumulate_grad_hook`` adds its gradient into its slice of the fp32
 main-grad buffer and frees it, so every accumulated micro-batch is summed in fp32 and only one
-parameter's low-precision gradient is alive at a time.
+parameter's low-precision gradient is alive at a time. Embedding lookups are cast to fp32, so the
+residual stream stays fp32 as it is with fp32 weights under autocast.
 
 The step (:meth:`OffloadedAdamW.step`), after :meth:`~OffloadedAdamW.clip_grad_norm_` has
 scaled the main grads on the device (one norm kernel, no host sync):
@@ -28,8 +29,9 @@ scaled the main grads on the device (one norm kernel, no host sync):
 3. it casts the updated masters into a pinned compute-dtype buffer and a second side stream
    copies them into the flat device buffer;
 
-while the host computes chunk i, chunk i+1's gradients and chunk i-1's weights are in flight. The
-compute stream waits for both side streams before the next forward.
+while the host steps chunk i, chunk i+1's gradients and chunk i-1's weights can be in flight
+(each pinned buffer is reused two chunks later, once its copy has finished). The compute stream
+waits for both side streams before the next forward.
 
 Checkpoints hold the masters and moments (:meth:`OffloadedAdamW.masters_in_model` puts the
 masters back into the module for the save and the load), in the same DCP format as every other
