@@ -10,7 +10,7 @@ code, called, not re-implemented:
 * every step, in both modes: ``DeviceMeans.add`` of the losses and the grad norm (as
   ``NativeTrainer.train_step`` does), and the expert-load counters the MoE layers add to in
   their forward;
-* at a logging step (mode ``every1``: every step): ``Trainer._log_window`` (``DeviceMeans.pop``,
+* at a logging step (mode ``every1``: every step): ``Trainer._stage_log_window`` and ``_read_log_window`` (``DeviceMeans.pop_on_device``,
   the averaged scalars, ``ThroughputMeter.measure``, ``ExpertLoadTracker.collect``/``write``:
   per-layer scalars and histograms, the load heat-map and the per-layer load-over-time images,
   drawn on the writer thread; the routing-state metrics), then the logged record to the sinks and
@@ -27,15 +27,15 @@ flips every round, to cancel drift); each step is timed from its start to the ne
 logging block up to the end of a ``flush`` of the writer (so work the writer still has queued is
 counted, not left to the next block). Reported: median and mean step time per mode, and the
 relative cost ``(every1 - off) / off`` of both. On CUDA the record also counts the host syncs of one
-logging step under ``torch.cuda.set_sync_debug_mode("warn")`` (copies to the host;
-``ThroughputMeter.measure``'s explicit ``torch.cuda.synchronize`` is one more, not counted there).
+logging step under ``torch.cuda.set_sync_debug_mode("warn")``.
 
-Host syncs of one logging step, read from the code (single process, top-k router): the copy of
-the window means to the host (``DeviceMeans.pop``; it waits for the whole step), the averaged
-means' copy to the device and back (``_log_window``), ``ThroughputMeter.measure``'s
-``torch.cuda.synchronize``, and the expert-load counters' copy (``ExpertLoadTracker.collect``).
-At ``log.every=1`` the first of them drains the queue at every step, so the host can no longer
-run ahead of the device: the next step's launches start from an idle device.
+The logging step is ``Trainer.fit``'s: it stages the window (the means and the expert-load
+counters reduced on the device, their copies to pinned host memory started, an event recorded;
+``Trainer._stage_log_window``) and reads the previous window, whose event the device passed one
+step ago (``Trainer._read_log_window``). Before that change, four host syncs per logging step
+(the means' copy, their round trip through the data-parallel mean, ``ThroughputMeter.measure``'s
+``torch.cuda.synchronize`` and the expert-load copy) drained the queue the host had launched
+ahead of the device, at every step when ``log.every=1``.
 """
 
 from __future__ import annotations
@@ -54,12 +54,11 @@ import torch
 from benchmarks.common import emit, gpu_name, log, pick_device, sync
 from benchmarks.train_step import (FULL, TINY, TrainSetup, add_compile_args, build_setup, compile_mode_label,
                                    resolve_compile_mode)
-from moe_dist.config import LogConfig
+from moe_dist.config import Config, LogConfig
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
 from moe_dist.metrics import DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress, build_sinks
 from moe_dist.metrics.flops import resolve_peak_tflops
-from moe_dist.metrics.progress import format_step_line
 from moe_dist.train import trainer as trainer_module
 from moe_dist.train.plan import LocalPlan
 from moe_dist.train.runtime import Runtime
@@ -74,7 +73,7 @@ class LoggingHarness(Trainer):
 
     ``Trainer.__init__`` builds datasets and a runtime from a full config; the logging window
     reads only the attributes set here, each to what ``Trainer.__init__`` and ``Trainer.fit``
-    set them to in a single process. ``_log_window`` itself is the trainer's, inherited.
+    set them to in a single process. The logging methods themselves are the trainer's, inherited.
     """
 
     def __init__(self, setup: TrainSetup, device: torch.device, run_dir: Path, log_cfg: LogConfig,
@@ -92,12 +91,15 @@ class LoggingHarness(Trainer):
         self.step = 0
         self.last_lr = setup.optimizer.param_groups[0]["lr"]
         self.total_steps = total_steps
+        self.cfg = Config()  # the text line reads train.steps; the rest of the config is unused here
+        self.cfg.train.steps = total_steps
         self.metrics = build_sinks(run_dir, log_cfg, is_logging_rank=True, purge_step=1)
         self.metrics.text("config", "benchmarks/logging_cost.py")
         self.throughput = ThroughputMeter(device)
         self.throughput.start()
         self.progress = build_progress(log_cfg, total_steps, 0, is_logging_rank=True)
         self.text_lines = not self.progress.enabled
+        self.staged = None
 
     def record_step(self, losses, means: DeviceMeans, tokens: int) -> None:
         """What ``NativeTrainer.train_step`` and ``Trainer.fit`` do after every step."""
@@ -110,11 +112,17 @@ class LoggingHarness(Trainer):
         self.progress.update()
 
     def log_step(self, means: DeviceMeans) -> None:
-        """``Trainer.fit``'s logging step: the window, the record to the sinks, the text line."""
-        _, record = self._log_window(means, self.progress)
-        self.metrics.scalars(self.step, record)
-        if self.text_lines:
-            trainer_module.logger.info(format_step_line(self.step, self.total_steps, record))
+        """``Trainer.fit``'s logging step: stage this window, write the previous one (its record
+        to the sinks, its text line)."""
+        finished, self.staged = self.staged, self._stage_log_window(means)
+        if finished is not None:
+            self._write_log_window(finished, self.progress, self.text_lines)
+
+    def finish_logging(self) -> None:
+        """Write the last staged window, as ``Trainer.fit`` does at an evaluation or checkpoint."""
+        if self.staged is not None:
+            finished, self.staged = self.staged, None
+            self._write_log_window(finished, self.progress, self.text_lines)
 
 
 @contextlib.contextmanager
@@ -178,6 +186,7 @@ def run_block(mode: str, steps: int, setup: TrainSetup, harness: LoggingHarness,
         if mode == "every1":
             harness.log_step(means)
     if mode == "every1":
+        harness.finish_logging()
         harness.metrics.flush()  # the writer's queued work belongs to this block's steps
     points.append(marks.mark())
     sync(device)
@@ -231,6 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         syncs = count_host_syncs(lambda: harness.log_step(means))
         if syncs is None:
             harness.log_step(means)
+        harness.finish_logging()
         harness.metrics.close()
         logged_steps = len((run_dir / "metrics.jsonl").read_text().splitlines())
         tb_bytes = sum(f.stat().st_size for f in (run_dir / "tb").glob("events.out.tfevents.*"))

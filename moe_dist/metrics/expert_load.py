@@ -160,10 +160,18 @@ class ExpertLoadTracker:
         """Reduce, copy to host and reset the counters; see the module docstring."""
         if not self.stats_modules:
             return ExpertLoadReport(layers=[])
+        stacked, widths = self.collect_on_device()
+        # NOTE: device-to-host sync (once per logging window).
+        return self.report_from_host(stacked.cpu().numpy(), widths)
+
+    def collect_on_device(self) -> tuple[torch.Tensor, list[int]]:
+        """Steps 1-3 of :meth:`collect`: the reduced ``[L, 2 * E_max + 1]`` counters, still on the
+        device (no host sync), and each layer's expert count; :meth:`report_from_host` reads the
+        tensor's host copy."""
         widths = [stats.kept.shape[0] for stats in self.stats_modules]
         width = max(widths)
         # 1. Stack into [L, 2 * width + 1]: routed | kept | tokens. A handful of kernels for any
-        #    number of layers (launch count matters: this runs right after a device sync).
+        #    number of layers.
         def padded(name: str) -> torch.Tensor:
             rows = [getattr(stats, name).detach() for stats in self.stats_modules]
             rows = [row if row.shape[0] == width else nn.functional.pad(row, (0, width - row.shape[0]))
@@ -174,12 +182,15 @@ class ExpertLoadTracker:
         stacked = torch.cat([padded("routed"), padded("kept"), tokens[:, None]], dim=1).to(torch.float64)
         # 2. One reduction over the group.
         stacked = reduce_with(stacked, self.reduce_fn)
-        # 3. Reset the device counters for the next window (the stack above is a copy; queued
-        #    before the sync so that these launches overlap the reduce).
+        # 3. Reset the device counters for the next window (the stack above is a copy).
         for stats in self.stats_modules:
             stats.reset()
-        # 4. NOTE: device-to-host sync (once per logging window).
-        host = stacked.cpu().numpy()
+        return stacked, widths
+
+    def report_from_host(self, host: np.ndarray, widths: list[int]) -> ExpertLoadReport:
+        """Step 4 of :meth:`collect`: the per-layer loads from the host copy of
+        :meth:`collect_on_device`'s tensor and its expert counts."""
+        width = max(widths)
         layers = [
             LayerLoad(layer_id=layer_id, routed=host[row, :experts].copy(),
                       kept=host[row, width: width + experts].copy(), tokens=float(host[row, -1]))

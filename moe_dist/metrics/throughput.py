@@ -70,20 +70,32 @@ class ThroughputMeter:
         self._tokens += int(tokens)
         self._steps += 1
 
-    def measure(self) -> Throughput:
-        """Close the window, return its rates and open the next one."""
+    def take_counts(self) -> tuple[int, int]:
+        """(steps, tokens) recorded since the last call or window start, then zeroed: what a
+        deferred window (:meth:`measure` with ``counts``) covers."""
+        counts = (self._steps, self._tokens)
+        self._steps = 0
+        self._tokens = 0
+        return counts
+
+    def measure(self, synchronize: bool = True, counts: tuple[int, int] | None = None) -> Throughput:
+        """Close the window, return its rates and open the next one.
+
+        ``synchronize=False`` is for a caller that has just waited for the window's last step
+        on the device by other means (an event): the clock is read at once. ``counts`` (from
+        :meth:`take_counts`) are the steps and tokens of that window, when steps recorded since
+        belong to the next one."""
         if self._start is None:
             raise RuntimeError("ThroughputMeter.measure() called before start()")
-        self._synchronize()
+        if synchronize:
+            self._synchronize()
         now = self._clock()
+        steps, tokens = counts if counts is not None else self.take_counts()
         seconds = max(now - self._start - self._paused_s, 1e-9)
-        steps = max(self._steps, 1)
-        result = Throughput(tokens_per_s=self._tokens / seconds, step_time_ms=1000.0 * seconds / steps,
-                            steps=self._steps, tokens=self._tokens, seconds=seconds)
+        result = Throughput(tokens_per_s=tokens / seconds, step_time_ms=1000.0 * seconds / max(steps, 1),
+                            steps=steps, tokens=tokens, seconds=seconds)
         self._start = now
         self._paused_s = 0.0
-        self._tokens = 0
-        self._steps = 0
         return result
 
     @contextmanager
@@ -121,6 +133,17 @@ class DeviceMeans:
                 value = value.detach().to(torch.float32)
             self._sums[key] = self._sums[key] + value if key in self._sums else value
             self._counts[key] = self._counts.get(key, 0) + 1
+
+    def pop_on_device(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """The window means as (sorted keys, one fp32 tensor on ``device``), with no host sync;
+        starts a new window. ``pop`` is the same read on the host."""
+        keys = sorted(self._sums)
+        values = [self._sums[key] / self._counts[key] for key in keys]
+        stacked = torch.stack([value.reshape(()).to(device, torch.float32) if isinstance(value, torch.Tensor)
+                               else torch.tensor(float(value), device=device) for value in values]) \
+            if keys else torch.zeros(0, device=device)
+        self._sums, self._counts = {}, {}
+        return keys, stacked
 
     def pop(self) -> dict[str, float]:
         sums = to_host_scalars(self._sums)

@@ -26,6 +26,7 @@ from moe_dist.data import GlobalBatchSampler, build_datasets, val_batches
 from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, build_progress,
                               build_sinks)
 from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
+from moe_dist.metrics.host_copy import PendingHostCopy
 from moe_dist.metrics.progress import format_step_line
 from moe_dist.models.activation_checkpointing import apply_activation_checkpointing
 from moe_dist.models.registry import build_model
@@ -39,6 +40,21 @@ from moe_dist.train.summary import run_summary, schedule_warnings
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 124
+
+
+@dataclass(frozen=True)
+class StagedLogWindow:
+    """A logging window whose values are on their way to the host (see ``Trainer.fit``)."""
+
+    step: int
+    keys: list[str]
+    """Names of the window means, in the order of the first copied tensor."""
+    lr: float
+    throughput_counts: tuple[int, int]
+    """(steps, tokens) of the window, for ``ThroughputMeter.measure``."""
+    load_widths: list[int] | None
+    """Experts per MoE layer when the second copied tensor holds the expert-load counters."""
+    copy: PendingHostCopy
 
 
 @dataclass
@@ -181,6 +197,7 @@ class Trainer:
         self.throughput = ThroughputMeter(self.device)
         self.throughput.start()
         means = DeviceMeans()
+        staged: StagedLogWindow | None = None
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         last_loss = last_val = None
         preempted = False
@@ -194,20 +211,31 @@ class Trainer:
                     self.throughput.step(tokens_per_step)
                     progress.update()
                     done = self.step == cfg.train.steps
-                    record = {}
                     if self.step % cfg.log.every == 0 or done:
-                        last_loss, record = self._log_window(means, progress)
-                    if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or done):
+                        # This window's values are read at the next logging step (or below, when
+                        # this step evaluates or checkpoints): reading them now would drain the
+                        # queue of work the host has launched ahead of the device.
+                        finished, staged = staged, self._stage_log_window(means)
+                        if finished is not None:
+                            last_loss = self._write_log_window(finished, progress, text_lines)
+                    evaluate = bool(cfg.train.eval_every) and (self.step % cfg.train.eval_every == 0 or done)
+                    stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
+                    checkpoint = done or stop or bool(cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                    extra = {}
+                    if evaluate:
                         with self.throughput.paused():
                             last_val = self.evaluate()
-                        record["val/loss"] = last_val
+                        extra["val/loss"] = last_val
                         progress.set_metrics(val_loss=last_val)
-                    if record:
-                        self.metrics.scalars(self.step, record)
-                        if text_lines:
-                            logger.info(format_step_line(self.step, cfg.train.steps, record))
-                    stop = self.rt.any_rank(self._stop_requested) if self.step % cfg.log.every == 0 else False
-                    if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    if staged is not None and (evaluate or checkpoint):
+                        finished, staged = staged, None
+                        last_loss = self._write_log_window(finished, progress, text_lines,
+                                                           extra if finished.step == self.step else {})
+                        if finished.step == self.step:
+                            extra = {}
+                    if extra:
+                        self._write_record(self.step, extra, text_lines)
+                    if checkpoint:
                         self.save()
                 if stop and not done:
                     preempted = True
@@ -218,14 +246,33 @@ class Trainer:
         return FitResult(self.step, last_loss, last_val, preempted)
 
     def _log_window(self, means: DeviceMeans, progress) -> tuple[float, dict]:
-        local = means.pop()
-        keys = sorted(local)
+        """The logging window ending at this step, read at once: (mean train loss, record)."""
+        return self._read_log_window(self._stage_log_window(means), progress)
+
+    def _stage_log_window(self, means: DeviceMeans) -> StagedLogWindow:
+        """Everything a logging window reports, reduced on the device and on its way to the
+        host; no host sync (except routing-state metrics of variable-k routers and dynamic
+        capacity, written at once). Every rank calls it at the same steps (collectives)."""
+        keys, local = means.pop_on_device(self.device)
         # One collective for the whole window: every rank holds the same keys.
-        averaged = self.plan.mean_over_dp(torch.tensor([local[k] for k in keys], device=self.device))
-        window = dict(zip(keys, averaged.tolist()))
-        rate = self.throughput.measure()
+        tensors = [self.plan.mean_over_dp(local)]
+        load_widths = None
+        if len(self.load_tracker):
+            load_counts, load_widths = self.load_tracker.collect_on_device()
+            tensors.append(load_counts)
+        # Router state (active experts, thresholds, capacity controller); collective on every rank.
+        routing_state.write_routing_metrics(self.model, self.metrics, self.step, self.plan.sum_over_token_ranks)
+        return StagedLogWindow(step=self.step, keys=keys, lr=self.last_lr, throughput_counts=self.throughput.take_counts(),
+                               load_widths=load_widths, copy=PendingHostCopy(tensors))
+
+    def _read_log_window(self, staged: StagedLogWindow, progress) -> tuple[float, dict]:
+        """(mean train loss, record) of a staged window; writes its expert-load metrics."""
+        host = staged.copy.wait()
+        window = dict(zip(staged.keys, host[0].tolist()))
+        # The wait above ended with the window's last step on the device: no further sync.
+        rate = self.throughput.measure(synchronize=False, counts=staged.throughput_counts)
         record = dict(window)
-        record["train/lr"] = self.last_lr
+        record["train/lr"] = staged.lr
         record["perf/tokens_per_s"] = rate.tokens_per_s
         record["perf/step_time_ms"] = rate.step_time_ms
         if self.device.type == "cuda":  # the allocator's own bookkeeping: no device sync
@@ -233,13 +280,23 @@ class Trainer:
         utilisation = mfu(rate.tokens_per_s, self.flops_per_token, self.peak_tflops, self.rt.mesh.world_size)
         if utilisation is not None:
             record["perf/mfu"] = utilisation
-        if len(self.load_tracker):
-            report = self.load_tracker.collect()
-            self.load_tracker.write(report, self.metrics, self.step)
-        # Router state (active experts, thresholds, capacity controller); collective on every rank.
-        routing_state.write_routing_metrics(self.model, self.metrics, self.step, self.plan.sum_over_token_ranks)
+        if staged.load_widths is not None:
+            report = self.load_tracker.report_from_host(host[1], staged.load_widths)
+            self.load_tracker.write(report, self.metrics, staged.step)
         progress.set_metrics(loss=window.get("train/loss"), tokens_per_s=rate.tokens_per_s)
         return window.get("train/loss"), record
+
+    def _write_log_window(self, staged: StagedLogWindow, progress, text_lines: bool,
+                          extra: dict | None = None) -> float:
+        """Read a staged window and write its record (plus ``extra``) at its step."""
+        loss, record = self._read_log_window(staged, progress)
+        self._write_record(staged.step, {**record, **(extra or {})}, text_lines)
+        return loss
+
+    def _write_record(self, step: int, record: dict, text_lines: bool) -> None:
+        self.metrics.scalars(step, record)
+        if text_lines:
+            logger.info(format_step_line(step, self.cfg.train.steps, record))
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

@@ -50,6 +50,19 @@ def test_training_writes_run_dir_metrics_and_tensorboard(tmp_path):
     assert realized_k == pytest.approx(2.0)  # dropless top-2
 
 
+def test_every_step_logging_is_read_one_step_late_but_written_at_its_step(tmp_path):
+    """log.every=1 stages each window and reads it at the next step; evaluation and checkpoint
+    steps read theirs at once, so val/loss shares its step's record and a checkpoint's
+    metrics.jsonl holds every step up to it."""
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "train.steps=5", "log.every=1", "train.eval_every=2", "checkpoint.every=3")
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [("val_loss" in r) for r in records] == [False, True, False, True, True]
+    assert all("loss" in r and r["tokens_per_s"] > 0 for r in records)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003", "step_00000005"]
+
+
 def _kill_during_save(process: subprocess.Popen, run_dir: Path, steps: list[int]) -> int:
     """SIGKILL ``process`` while it writes one of the checkpoints of ``steps`` (the first whose
     save it can be stopped in); the step it was saving. A save flushes metrics.jsonl and the

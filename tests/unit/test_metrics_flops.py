@@ -121,6 +121,33 @@ def test_throughput_meter_excludes_paused_time():
         ThroughputMeter().measure()
 
 
+def test_throughput_meter_deferred_window_counts_only_its_own_steps():
+    """A window read one logging step late: its steps and tokens were taken when it was staged;
+    steps recorded since belong to the next window."""
+    ticks = iter([0.0, 4.0, 9.0])
+    meter = ThroughputMeter("cpu", clock=lambda: next(ticks))
+    meter.start()                             # t = 0
+    meter.step(100)
+    meter.step(100)
+    counts = meter.take_counts()              # window 1 staged after 2 steps
+    meter.step(300)                           # the next window's step, before window 1 is read
+    first = meter.measure(synchronize=False, counts=counts)   # t = 4
+    assert (first.steps, first.tokens, first.tokens_per_s, first.step_time_ms) == (2, 200, 50.0, 2000.0)
+    second = meter.measure()                  # t = 9: the step recorded in between
+    assert (second.steps, second.tokens, second.tokens_per_s) == (1, 300, 60.0)
+
+
+def test_device_means_pop_on_device_matches_pop():
+    first, second = DeviceMeans(), DeviceMeans()
+    for means in (first, second):
+        means.add({"b": torch.tensor(2.0), "a": 1.0})
+        means.add({"b": torch.tensor(4.0), "a": 3.0})
+    keys, values = first.pop_on_device(torch.device("cpu"))
+    assert keys == ["a", "b"] and values.dtype == torch.float32
+    assert dict(zip(keys, values.tolist())) == second.pop() == {"a": 2.0, "b": 3.0}
+    assert len(first) == 0 and first.pop_on_device(torch.device("cpu"))[1].numel() == 0
+
+
 def test_device_means_average_over_the_window():
     means = DeviceMeans()
     for loss in (1.0, 2.0, 6.0):
