@@ -113,3 +113,46 @@ def test_no_deadlock_in_1000_chunked_steps():
         # capacity: one capacity agreement on the first token count + 3 + 3
         assert result["collectives"] == {"dropless": 7, "fixed": 7}, result
         assert result["checked"] == 10, result
+
+
+def _fsdp_forward_all_gathers(rank: int, world_size: int, chunk_counts: list[int]) -> list[int]:
+    """All-gathers FSDP2 issues in one forward of the tiny model, edp=2 x ep=2 (4 ranks), for
+    each number of chunks."""
+    import torch.distributed as dist
+
+    from moe_dist.config import ParallelConfig
+    from moe_dist.distributed.mesh import build_mesh
+    from moe_dist.train.plan import parallelize
+    from parity import build_model, global_batches
+
+    parallel = ParallelConfig(dp=4, ep=2, fsdp=True)
+    mesh = build_mesh(parallel, world_size, "cpu")
+    real = dist.all_gather_single  # what FSDP2's default all-gather calls
+    counts = []
+    for chunks in chunk_counts:
+        case = Case("fsdp_count", dp=4, ep=2, fsdp=True, capacity=True, dispatch_chunks=chunks)
+        model = build_model(case)
+        parallelize(model, mesh, parallel)
+        calls = []
+
+        def counting(*args, calls=calls, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        dist.all_gather_single = counting
+        try:
+            model(global_batches(case)[0, rank][:, :-1])
+        finally:
+            dist.all_gather_single = real
+        counts.append(len(calls))
+    return counts
+
+
+def test_fsdp_gathers_the_experts_once_per_chunk():
+    """The limitation docs/parallelism.md states: under FSDP2 an experts unit that reshards after
+    forward gathers its weights again for every chunk. Of the tiny model's 2 MoE layers, the
+    last one's experts stay gathered after forward (models/fsdp.py), so n chunks add n-1."""
+    counts = run_distributed(_fsdp_forward_all_gathers, 4, [1, 3], timeout=90)
+    assert all(c == counts[0] for c in counts), counts
+    unchunked, chunked = counts[0]
+    assert chunked - unchunked == 3 - 1, counts
