@@ -130,7 +130,7 @@ class MoELayer(nn.Module):
             self._record(routing)
 
         shared_TD = None
-        if self.dispatches_in_chunks(x_TD):
+        if self.dispatches_in_chunks():
             # Off CUDA, the shared experts run while the first chunk's all-to-all is in flight.
             side_work = (lambda: self.shared_experts(x_TD)) if overlap and side is None else None
             out_TD, shared_TD = run_pipelined(self.dispatcher, x_TD, routing.indices, routing.valid,
@@ -148,7 +148,7 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         return out_TD.view(batch, seq_len, dim), routing.losses
 
-    def dispatches_in_chunks(self, x_TD: torch.Tensor) -> bool:
+    def dispatches_in_chunks(self) -> bool:
         """Whether this forward exchanges its rows in ``moe.dispatch_chunks`` overlapped chunks:
         under expert parallelism (an all-to-all dispatcher with a group), in eager mode (the
         split-phase collectives are not traced by ``torch.compile``, which gets the plain path)."""
