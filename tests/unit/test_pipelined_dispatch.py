@@ -167,3 +167,64 @@ def test_side_stream_path_computes_the_same_shared_experts(monkeypatch):
     for got, want in zip(results[0][:-1], results[1][:-1]):
         assert torch.equal(got, want)
     torch.testing.assert_close(results[0][-1], results[1][-1], rtol=1e-6, atol=1e-7)
+
+
+def test_exchange_order_overlaps_experts_forward_and_backward(monkeypatch):
+    """The issue order docs/parallelism.md gives (dispatch 0, dispatch 1, combine 0, dispatch 2,
+    combine 1, combine 2), the experts of chunk j computed while dispatch j+1 is in flight, and in
+    backward every gradient exchange in flight across an expert backward except the first
+    (combine 2's, which chunk 2's expert backward needs) and the last (dispatch 0's). Degree 1 (no
+    group): the exchange is wrapped to log when it starts and when it is waited for."""
+    log: list[str] = []
+    names = iter(["D0", "D1", "C0", "D2", "C1", "C2"])
+    grad_count = iter(range(6))
+
+    class Logged:
+        def __init__(self, name):
+            self.name = name
+
+        def wait(self):
+            log.append(f"wait {self.name}")
+
+    real_start = comms._a2a_start
+
+    def logging_start(out, inp, out_splits, in_splits, group, record, name):
+        real_start(out, inp, out_splits, in_splits, group, record, name)
+        label = next(names) if "backward" not in name else f"grad{next(grad_count)}"
+        log.append(f"start {label}")
+        return Logged(label)
+
+    monkeypatch.setattr(comms, "_a2a_start", logging_start)
+
+    class Tag(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, name):
+            ctx.name = name
+            log.append(f"experts {name}")
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            log.append(f"experts-backward {ctx.name}")
+            return grad, None
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 16)
+    calls = iter(range(3))
+    x = torch.randn(20, 8, requires_grad=True)
+    dispatcher = AllToAllDispatcher(4, None, 0, 1)
+    out, _ = run_pipelined(dispatcher, x, torch.randint(0, 4, (20, 2)), None, torch.rand(20, 2),
+                           lambda rows, counts: experts(Tag.apply(rows, f"chunk{next(calls)}"), counts), 3)
+    forward = [e for e in log if e.startswith(("start", "experts"))]
+    assert forward == ["start D0", "start D1", "experts chunk0", "start C0", "start D2", "experts chunk1",
+                       "start C1", "experts chunk2", "start C2"]
+    log.clear()
+    out.sum().backward()
+    # an expert backward between the start and the wait of every gradient exchange but two
+    overlapped = []
+    for i, entry in enumerate(log):
+        if entry.startswith("start grad"):
+            name = entry.split()[1]
+            end = log.index(f"wait {name}")
+            overlapped.append(any(e.startswith("experts-backward") for e in log[i:end]))
+    assert overlapped == [False, True, True, True, True, False], log
