@@ -11,10 +11,14 @@
   moves, so only syncs are checked): one host sync per dropless step and none with fixed
   capacity, the same as unchunked.
 
-Throughput of either overlap is not measured by the tests. ``python
-tests/gpu/test_dispatch_overlap_gpu.py`` times the shared-expert side stream on one GPU: forward +
-backward of the fine-grained layer (h2048, f1408, E64, top-8, 2 shared experts, 8192 tokens, bf16)
-with ``overlap_shared_experts`` on and off, alternating, medians of CUDA-event timings.
+Throughput of either overlap is not measured by the tests. Two timing entry points, both on the
+fine-grained layer (h2048, f1408, E64, top-8, 2 shared experts, 8192 tokens per rank, bf16),
+forward + backward, configurations alternating in blocks, medians:
+
+* ``python tests/gpu/test_dispatch_overlap_gpu.py``: one GPU, ``overlap_shared_experts`` on and off;
+* ``torchrun --nproc_per_node=P tests/gpu/test_dispatch_overlap_gpu.py --ep``: expert parallelism
+  over the P GPUs (NCCL), ``dispatch_chunks`` 1, 2 and 4; the slowest rank's median is printed.
+  ``--tiny`` runs it on CPU gloo at toy sizes (a smoke test of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ pytestmark = pytest.mark.gpu
 if __name__ != "__main__" and not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from test_host_syncs_gpu import assert_syncs, fake_ep_world, training_step  # noqa: E402
+if __name__ != "__main__":  # the timing entry point below also runs on CPU (--tiny)
+    from test_host_syncs_gpu import assert_syncs, fake_ep_world, training_step
 
 from moe_dist.config import CapacityConfig, MoEConfig, ParallelConfig, RouterConfig  # noqa: E402
 from moe_dist.moe import layer as layer_module  # noqa: E402
@@ -157,5 +162,72 @@ def time_side_stream(repeats: int = 5, iters: int = 20) -> None:
           f"(blocks: on {[round(t, 3) for t in times[True]]}, off {[round(t, 3) for t in times[False]]})")
 
 
+def time_chunked_ep(tiny: bool, chunk_counts: tuple[int, ...] = (1, 2, 4), repeats: int = 5,
+                    iters: int = 10) -> None:
+    """Median ms of forward + backward under expert parallelism over the torchrun world, for each
+    number of dispatch chunks (the slowest rank's median)."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from moe_dist.distributed.mesh import build_mesh
+    from moe_dist.models.expert_parallel import apply_ep
+
+    cuda = not tiny
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    hidden, ffn, experts, top_k, shared, tokens = ((64, 32, 8, 4, 2, 64) if tiny
+                                                   else (2048, 1408, 64, 8, 2, 8192))
+    mesh = build_mesh(ParallelConfig(ep=world), world, device)
+    layers = {}
+    for chunks in chunk_counts:
+        torch.manual_seed(0)
+        cfg = MoEConfig(num_experts=experts, expert_ffn_dim=ffn, num_shared_experts=shared,
+                        dispatch_chunks=chunks,
+                        router=RouterConfig(top_k=top_k, aux_loss_coef=0.0, z_loss_coef=0.0))
+        layers[chunks] = apply_ep(MoELayer(hidden, ffn, cfg).to(device, dtype).train(), mesh)
+    torch.manual_seed(1 + rank)  # different tokens, so different routing, on every rank
+    x_in = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, hidden, device=device, dtype=dtype)
+
+    def step(layer: MoELayer) -> None:
+        out, _ = layer(x_in)
+        out.view(tokens, hidden).backward(grad)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    times: dict[int, list[float]] = {c: [] for c in chunk_counts}
+    for layer in layers.values():
+        for _ in range(3):
+            step(layer)
+    for _ in range(repeats):
+        for chunks, layer in layers.items():
+            sync()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(iters):
+                step(layer)
+            sync()
+            times[chunks].append((time.perf_counter() - start) * 1e3 / iters)
+    medians = torch.tensor([sorted(times[c])[len(times[c]) // 2] for c in chunk_counts], device=device)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        where = torch.cuda.get_device_name() if cuda else "CPU gloo (--tiny: not a measurement)"
+        print(f"{where} x{world}, ep={world}, fine-grained layer fwd+bwd, slowest rank's median ms: "
+              + ", ".join(f"dispatch_chunks={c}: {m:.3f}" for c, m in zip(chunk_counts, medians.tolist())))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    time_side_stream()
+    import sys
+
+    if "--ep" in sys.argv:
+        time_chunked_ep(tiny="--tiny" in sys.argv)
+    else:
+        time_side_stream()
