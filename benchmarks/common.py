@@ -47,7 +47,7 @@ def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-class _Clock:
+class DeviceClock:
     """Marks on the device timeline (CUDA events) or the host clock (CPU)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -84,7 +84,7 @@ def time_fwd_bwd(forward: Callable[[], torch.Tensor], device: torch.device, warm
     ``forward`` returns the output; the backward is driven by a fixed random upstream gradient
     of the same shape (made once, outside the timed region).
     """
-    clock = _Clock(device)
+    clock = DeviceClock(device)
     grad_out = None
     for _ in range(warmup):
         if zero_grad:
@@ -119,7 +119,7 @@ def time_fwd_bwd(forward: Callable[[], torch.Tensor], device: torch.device, warm
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
     """Median milliseconds of ``fn()``."""
-    clock = _Clock(device)
+    clock = DeviceClock(device)
     for _ in range(warmup):
         fn()
     sync(device)

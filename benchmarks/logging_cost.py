@@ -45,13 +45,12 @@ import contextlib
 import logging
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit, gpu_name, log, pick_device, sync
+from benchmarks.common import DeviceClock, emit, gpu_name, log, pick_device, sync
 from benchmarks.train_step import (FULL, TINY, TrainSetup, add_compile_args, build_setup, compile_mode_label,
                                    resolve_compile_mode)
 from moe_dist.config import Config, LogConfig
@@ -156,27 +155,8 @@ def count_host_syncs(fn) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-class _Marks:
-    """Step-start marks: CUDA events on the device timeline, or the host clock on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def intervals_ms(self, marks: list) -> list[float]:
-        if self.cuda:
-            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
-
-
 def run_block(mode: str, steps: int, setup: TrainSetup, harness: LoggingHarness, means: DeviceMeans,
-              marks: _Marks, device: torch.device) -> list[float]:
+              marks: DeviceClock, device: torch.device) -> list[float]:
     """Per-step milliseconds of ``steps`` steps in ``mode``."""
     points = []
     for _ in range(steps):
@@ -190,7 +170,7 @@ def run_block(mode: str, steps: int, setup: TrainSetup, harness: LoggingHarness,
         harness.metrics.flush()  # the writer's queued work belongs to this block's steps
     points.append(marks.mark())
     sync(device)
-    return marks.intervals_ms(points)
+    return [marks.elapsed_ms(a, b) for a, b in zip(points, points[1:])]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -228,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         harness = LoggingHarness(setup, device, run_dir, log_cfg, total_steps)
         stack.callback(harness.metrics.close)
         means = DeviceMeans()
-        marks = _Marks(device)
+        marks = DeviceClock(device)
         for mode in MODES:  # compiles, fills the writer's and TensorBoard's first files
             run_block(mode, warmup, setup, harness, means, marks, device)
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
