@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import itertools
 import json
@@ -363,6 +364,19 @@ class _Running:
     started: float
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _own_session_dying_with_sweep() -> None:
+    """Run in each training child before exec: its own session (so that a timeout stops the run
+    with everything it started) and, on Linux, SIGKILL when the sweep process dies. A run in its
+    own session would otherwise outlive a killed sweep, finish behind its back, and the next
+    invocation would find it finished instead of resuming it."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
     """SIGTERM to each run's process group at once (the trainer saves and exits), SIGKILL to
     the groups still alive ``grace`` seconds later."""
@@ -428,9 +442,8 @@ def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool
                 log = open(logs / f"{run.name}.log", "a", encoding="utf-8")
                 log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
                 log.flush()
-                # Its own session, so that a timeout can stop the run with everything it started.
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
+                                           preexec_fn=_own_session_dying_with_sweep)
                 running.append(_Running(run, prefix, process, log, time.monotonic()))
             if deadline is not None and now >= deadline and pending:
                 for run, prefix, _, _ in pending:

@@ -21,7 +21,8 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monitoring")
     run_dir = tmp / "run"
     command = train_command(run_dir, "train.steps=6", "log.every=2", "train.eval_every=3", "checkpoint.every=0",
-                            "log.wandb=true", "log.wandb_project=moe-dist-smoke", "train.profile_steps=3-4")
+                            "log.wandb=true", "log.wandb_project=moe-dist-smoke", "train.profile_steps=3-4",
+                            "log.image_every=2")
     result = subprocess.run(command, cwd=REPO, env=train_env(**offline_env(tmp)), capture_output=True, text=True,
                             timeout=240)
     if result.returncode != 0:
