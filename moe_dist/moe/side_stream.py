@@ -16,7 +16,7 @@ Stream rules followed (torch "CUDA semantics", streams and the caching allocator
   streams where a gradient crosses from one to the other (the shared experts' backward runs on
   the side stream, concurrently with the routed experts' backward), so nothing more is needed.
 
-No host synchronisation anywhere (``tests/gpu/test_shared_stream_gpu.py`` runs it under
+No host synchronisation anywhere (``tests/gpu/test_dispatch_overlap_gpu.py`` runs it under
 ``torch.cuda.set_sync_debug_mode("error")``).
 """
 
