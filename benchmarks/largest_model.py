@@ -59,7 +59,7 @@ def overrides(args) -> list[str]:
             f"train.global_batch_size={args.micro_batch * args.accum}",
             f"train.steps={args.warmup + args.steps}", "train.warmup_steps=1", "train.lr=3e-4",
             f"train.activation_checkpointing={args.checkpointing}",
-            f"train.offload_optimizer={str(args.offload).lower()}",
+            f"train.offload_optimizer={str(args.offload).lower()}", *args.set,
             f"train.device={'cpu' if args.tiny else 'auto'}", "train.dtype=auto", "train.eval_every=0",
             "log.progress_bar=false", "log.tensorboard=false"]
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--checkpointing", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
                         help="train.offload_optimizer (default on)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another config override, e.g. --set data.source=/path/to/corpus")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     args = parser.parse_args(argv)
