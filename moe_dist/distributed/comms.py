@@ -450,12 +450,14 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, rows: list[int] | None, group: ProcessGroup,
                 record: CollectiveRecord | None) -> Tensor:
-        ctx.rows, ctx.group, ctx.record = rows, group, record
+        ctx.rows, ctx.group, ctx.record, ctx.dtype = rows, group, record, x.dtype
         return _gather_rows(x, rows, group, record, "all_gather_rows")
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (_reduce_scatter_rows(grad.contiguous(), ctx.rows, ctx.group, ctx.record,
+        # The gradient crosses the wire in the forward's dtype: an fp32 gradient from an fp32
+        # consumer (e.g. the combine's accumulation) would double the bytes of a bf16 layer.
+        return (_reduce_scatter_rows(grad.to(ctx.dtype).contiguous(), ctx.rows, ctx.group, ctx.record,
                                      "all_gather_rows(backward)"), None, None, None)
 
 
@@ -463,12 +465,12 @@ class _ReduceScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, rows: list[int] | None, group: ProcessGroup,
                 record: CollectiveRecord | None) -> Tensor:
-        ctx.rows, ctx.group, ctx.record = rows, group, record
+        ctx.rows, ctx.group, ctx.record, ctx.dtype = rows, group, record, x.dtype
         return _reduce_scatter_rows(x, rows, group, record, "reduce_scatter_rows")
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (_gather_rows(grad.contiguous(), ctx.rows, ctx.group, ctx.record,
+        return (_gather_rows(grad.to(ctx.dtype).contiguous(), ctx.rows, ctx.group, ctx.record,
                              "reduce_scatter_rows(backward)"), None, None, None)
 
 
