@@ -135,6 +135,11 @@ class TrainConfig:
     """Recompute activations in backward instead of keeping them: 'selective' recomputes the
     attention (projections, RoPE, SDPA) and the expert MLPs, 'full' every block (it keeps only the
     block inputs). Routing statistics are counted once either way. 'none' keeps everything."""
+    compile: bool = False
+    """Compile each transformer block's forward with torch.compile (Inductor), block by block as
+    torchtitan does, so blocks of the same shape share one compiled graph. Native engine without
+    parallel.fsdp. The first steps pay the compilation (tens of seconds); on CUDA the Triton
+    kernels are custom ops, so the MoE layer's fast path compiles without graph breaks."""
     offload_optimizer: bool = False
     """Native engine, one process: keep the fp32 master weights and AdamW moments in host memory
     (12 bytes per parameter) and step them with torch's fused CPU AdamW; the GPU holds the

@@ -60,6 +60,13 @@ def validate(cfg: Config, world_size: int) -> None:
         _validate_deepspeed(cfg, world_size)
     if train.offload_optimizer:
         _validate_native_offload(cfg, world_size)
+    if train.compile:
+        require(train.engine == "native",
+                "train.compile=true with train.engine=deepspeed: compiling blocks inside DeepSpeed's engine is not "
+                "tested; set train.compile=false, or use train.engine=native")
+        require(not cfg.parallel.fsdp,
+                "train.compile=true with parallel.fsdp=true: the blocks would be compiled around FSDP2's "
+                "all-gather hooks, which is not tested; set one of them to false")
 
 
 def _validate_etp(cfg: Config, world_size: int) -> None:

@@ -29,6 +29,7 @@ from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_
 from moe_dist.metrics.host_copy import PendingHostCopy
 from moe_dist.metrics.progress import format_step_line
 from moe_dist.models.activation_checkpointing import apply_activation_checkpointing
+from moe_dist.models.compile import compile_blocks
 from moe_dist.models.registry import build_model
 from moe_dist.moe.routing import state as routing_state
 from moe_dist.train.init_from import initialize_from
@@ -94,6 +95,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.moe)  # identical init on every rank (same seed)
         initialize_from(self.model, cfg, self.run_dir)  # model.init_from; a resumed checkpoint overrides it
+        if cfg.train.compile:  # before recompute wraps the forwards: see models/compile.py
+            compile_blocks(self.model)
         apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self._place_model()
         self._configure_parallelism()

@@ -63,6 +63,13 @@ def test_every_step_logging_is_read_one_step_late_but_written_at_its_step(tmp_pa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003", "step_00000005"]
 
 
+def test_compiled_blocks_train_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "train.steps=2", "log.every=1", "train.compile=true", "train.eval_every=0")
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
+
+
 def _kill_during_save(process: subprocess.Popen, run_dir: Path, steps: list[int]) -> int:
     """SIGKILL ``process`` while it writes one of the checkpoints of ``steps`` (the first whose
     save it can be stopped in); the step it was saving. A save flushes metrics.jsonl and the
