@@ -1,7 +1,10 @@
 """Tokens per second and step time, measured over logging windows.
 
-The meter reads the wall clock only at logging steps, right after synchronising the device, so
-the time it reports covers the queued GPU work of the whole window and nothing in between syncs.
+:meth:`ThroughputMeter.measure` reads the wall clock at a logging step right after synchronising
+the device, so the time it reports covers the queued GPU work of the whole window.
+:meth:`ThroughputMeter.mark` closes a window without waiting (a CUDA event on the device
+timeline) and :meth:`ThroughputMeter.measure_mark` times it once the device has passed it: the
+trainer's way, which reads each window at a later logging step. Use one of the two per meter.
 Per step, :meth:`ThroughputMeter.step` adds a host integer: no device work at all.
 """
 
@@ -30,6 +33,18 @@ class Throughput:
     seconds: float
 
 
+@dataclass(frozen=True)
+class WindowMark:
+    """A window closed by :meth:`ThroughputMeter.mark`, to be measured once the device passed it."""
+
+    steps: int
+    tokens: int
+    paused_s: float
+    """Paused (validation, checkpoint) seconds inside the window."""
+    stamp: float | torch.cuda.Event
+    """End of the window: a CUDA event (timing enabled) or a host clock reading."""
+
+
 class ThroughputMeter:
     """Counts tokens between calls of :meth:`measure` and divides by the elapsed wall time.
 
@@ -53,6 +68,8 @@ class ThroughputMeter:
         self.device = torch.device(device)
         self._clock = clock
         self._start: float | None = None
+        self._last_stamp: float | torch.cuda.Event | None = None
+        """Where the last marked window ended (see :meth:`mark`)."""
         self._paused_s = 0.0
         self._tokens = 0
         self._steps = 0
@@ -61,6 +78,7 @@ class ThroughputMeter:
         """Begin a window (call before the first training step, and after a resume)."""
         self._synchronize()
         self._start = self._clock()
+        self._stamp_now()
         self._paused_s = 0.0
         self._tokens = 0
         self._steps = 0
@@ -70,32 +88,55 @@ class ThroughputMeter:
         self._tokens += int(tokens)
         self._steps += 1
 
-    def take_counts(self) -> tuple[int, int]:
-        """(steps, tokens) recorded since the last call or window start, then zeroed: what a
-        deferred window (:meth:`measure` with ``counts``) covers."""
-        counts = (self._steps, self._tokens)
-        self._steps = 0
-        self._tokens = 0
-        return counts
+    def mark(self) -> WindowMark:
+        """Close the window at this point of the device's queue without waiting for it: the steps
+        and tokens recorded since the last mark (or measure, or start), the paused time in
+        between, and a timestamp on the device timeline (a CUDA event; the host clock elsewhere,
+        where the work is already done). :meth:`measure_mark` turns it into rates later."""
+        if self._start is None:
+            raise RuntimeError("ThroughputMeter.mark() called before start()")
+        stamp: float | torch.cuda.Event
+        if self.device.type == "cuda":
+            stamp = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = self._clock()
+        mark = WindowMark(self._steps, self._tokens, self._paused_s, stamp)
+        self._steps = self._tokens = 0
+        self._paused_s = 0.0
+        return mark
 
-    def measure(self, synchronize: bool = True, counts: tuple[int, int] | None = None) -> Throughput:
-        """Close the window, return its rates and open the next one.
+    def measure_mark(self, mark: WindowMark) -> Throughput:
+        """The rates of the window ``mark`` closed, once the device has passed it (the caller has
+        waited for work queued after the mark). Marks are measured in the order they were made;
+        the first one after :meth:`start` runs from the start."""
+        previous = self._last_stamp
+        if isinstance(mark.stamp, float):
+            assert isinstance(previous, float)
+            elapsed = mark.stamp - previous
+        else:
+            assert isinstance(previous, torch.cuda.Event)
+            elapsed = previous.elapsed_time(mark.stamp) / 1000.0
+        self._last_stamp = mark.stamp
+        seconds = max(elapsed - mark.paused_s, 1e-9)
+        return Throughput(tokens_per_s=mark.tokens / seconds, step_time_ms=1000.0 * seconds / max(mark.steps, 1),
+                          steps=mark.steps, tokens=mark.tokens, seconds=seconds)
 
-        ``synchronize=False`` is for a caller that has just waited for the window's last step
-        on the device by other means (an event): the clock is read at once. ``counts`` (from
-        :meth:`take_counts`) are the steps and tokens of that window, when steps recorded since
-        belong to the next one."""
+    def measure(self) -> Throughput:
+        """Close the window, return its rates and open the next one (waits for the device)."""
         if self._start is None:
             raise RuntimeError("ThroughputMeter.measure() called before start()")
-        if synchronize:
-            self._synchronize()
+        self._synchronize()
         now = self._clock()
-        steps, tokens = counts if counts is not None else self.take_counts()
         seconds = max(now - self._start - self._paused_s, 1e-9)
-        result = Throughput(tokens_per_s=tokens / seconds, step_time_ms=1000.0 * seconds / max(steps, 1),
-                            steps=steps, tokens=tokens, seconds=seconds)
+        steps = max(self._steps, 1)
+        result = Throughput(tokens_per_s=self._tokens / seconds, step_time_ms=1000.0 * seconds / steps,
+                            steps=self._steps, tokens=self._tokens, seconds=seconds)
         self._start = now
+        self._stamp_now()
         self._paused_s = 0.0
+        self._tokens = 0
+        self._steps = 0
         return result
 
     @contextmanager
@@ -108,6 +149,14 @@ class ThroughputMeter:
         finally:
             self._synchronize()
             self._paused_s += self._clock() - begin
+
+    def _stamp_now(self) -> None:
+        """Where the next marked window starts: now (the device is idle after a sync)."""
+        if self.device.type == "cuda":
+            self._last_stamp = torch.cuda.Event(enable_timing=True)
+            self._last_stamp.record()
+        else:
+            self._last_stamp = self._start
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

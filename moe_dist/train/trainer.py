@@ -27,6 +27,7 @@ from moe_dist.metrics import (DeviceMeans, ExpertLoadTracker, ThroughputMeter, b
                               build_sinks)
 from moe_dist.metrics.flops import mfu, resolve_peak_tflops, training_flops_per_token
 from moe_dist.metrics.host_copy import PendingHostCopy
+from moe_dist.metrics.throughput import WindowMark
 from moe_dist.metrics.progress import format_step_line
 from moe_dist.models.activation_checkpointing import apply_activation_checkpointing
 from moe_dist.models.compile import compile_blocks
@@ -51,8 +52,8 @@ class StagedLogWindow:
     keys: list[str]
     """Names of the window means, in the order of the first copied tensor."""
     lr: float
-    throughput_counts: tuple[int, int]
-    """(steps, tokens) of the window, for ``ThroughputMeter.measure``."""
+    throughput: WindowMark
+    """Steps, tokens, paused time and the end of the window on the device timeline."""
     load_widths: list[int] | None
     """Experts per MoE layer when the second copied tensor holds the expert-load counters."""
     copy: PendingHostCopy
@@ -256,6 +257,7 @@ class Trainer:
         """Everything a logging window reports, reduced on the device and on its way to the
         host; no host sync (except routing-state metrics of variable-k routers and dynamic
         capacity, written at once). Every rank calls it at the same steps (collectives)."""
+        mark = self.throughput.mark()  # the window ends here on the device timeline
         keys, local = means.pop_on_device(self.device)
         # One collective for the whole window: every rank holds the same keys.
         tensors = [self.plan.mean_over_dp(local)]
@@ -265,15 +267,15 @@ class Trainer:
             tensors.append(load_counts)
         # Router state (active experts, thresholds, capacity controller); collective on every rank.
         routing_state.write_routing_metrics(self.model, self.metrics, self.step, self.plan.sum_over_token_ranks)
-        return StagedLogWindow(step=self.step, keys=keys, lr=self.last_lr, throughput_counts=self.throughput.take_counts(),
+        return StagedLogWindow(step=self.step, keys=keys, lr=self.last_lr, throughput=mark,
                                load_widths=load_widths, copy=PendingHostCopy(tensors))
 
     def _read_log_window(self, staged: StagedLogWindow, progress) -> tuple[float, dict]:
         """(mean train loss, record) of a staged window; writes its expert-load metrics."""
         host = staged.copy.wait()
         window = dict(zip(staged.keys, host[0].tolist()))
-        # The wait above ended with the window's last step on the device: no further sync.
-        rate = self.throughput.measure(synchronize=False, counts=staged.throughput_counts)
+        # The wait above means the device passed the window's mark: its time is known.
+        rate = self.throughput.measure_mark(staged.throughput)
         record = dict(window)
         record["train/lr"] = staged.lr
         record["perf/tokens_per_s"] = rate.tokens_per_s

@@ -121,20 +121,25 @@ def test_throughput_meter_excludes_paused_time():
         ThroughputMeter().measure()
 
 
-def test_throughput_meter_deferred_window_counts_only_its_own_steps():
-    """A window read one logging step late: its steps and tokens were taken when it was staged;
-    steps recorded since belong to the next window."""
-    ticks = iter([0.0, 4.0, 9.0])
+def test_throughput_meter_marked_windows_are_timed_where_they_were_marked():
+    """Windows read late (the trainer reads one at the next logging step, or later): each is
+    timed between its mark and the previous one, whenever it is measured, minus the time paused
+    inside it; steps recorded after a mark belong to the next window."""
+    ticks = iter([0.0, 4.0, 5.0, 8.0, 12.0])
     meter = ThroughputMeter("cpu", clock=lambda: next(ticks))
     meter.start()                             # t = 0
     meter.step(100)
     meter.step(100)
-    counts = meter.take_counts()              # window 1 staged after 2 steps
-    meter.step(300)                           # the next window's step, before window 1 is read
-    first = meter.measure(synchronize=False, counts=counts)   # t = 4
-    assert (first.steps, first.tokens, first.tokens_per_s, first.step_time_ms) == (2, 200, 50.0, 2000.0)
-    second = meter.measure()                  # t = 9: the step recorded in between
-    assert (second.steps, second.tokens, second.tokens_per_s) == (1, 300, 60.0)
+    first = meter.mark()                      # t = 4: window 1 = 2 steps
+    with meter.paused():                      # t = 5 .. 8: validation, inside window 2
+        pass
+    meter.step(300)
+    second = meter.mark()                     # t = 12: window 2 = 1 step, 8 s - 3 s paused
+    one, two = meter.measure_mark(first), meter.measure_mark(second)  # both read later
+    assert (one.steps, one.tokens, one.tokens_per_s, one.step_time_ms) == (2, 200, 50.0, 2000.0)
+    assert (two.steps, two.tokens, two.tokens_per_s, two.seconds) == (1, 300, 60.0, 5.0)
+    with pytest.raises(RuntimeError, match="before start"):
+        ThroughputMeter().mark()
 
 
 def test_device_means_pop_on_device_matches_pop():
