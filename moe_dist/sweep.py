@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -377,6 +378,29 @@ def _own_session_dying_with_sweep() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _read_status(out: Path) -> dict[str, dict[str, Any]]:
+    """``<out>/sweep_status.json`` of an earlier invocation, or {} (none, or unreadable)."""
+    path = out / "sweep_status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def select_runs(sweep: Sweep, patterns: list[str]) -> None:
+    """Keep the runs whose name matches one of ``patterns`` (shell-style, e.g. 'peer,*' or
+    '*,seed=2'); in place. A pattern that matches nothing is an error naming the runs."""
+    if not patterns:
+        return
+    names = [run.name for run in sweep.runs]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise ConfigError(f"--only {unmatched} matches no run of sweep {sweep.name!r}; its runs are: "
+                          f"{', '.join(names)}")
+    sweep.runs = [run for run in sweep.runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
+
+
 def _stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
     """SIGTERM to each run's process group at once (the trainer saves and exits), SIGKILL to
     the groups still alive ``grace`` seconds later."""
@@ -406,7 +430,9 @@ def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool
     env.setdefault("OMP_NUM_THREADS", "1")
     sweep_start = time.monotonic()
     deadline = sweep_start + time_limit if time_limit > 0 else None
-    status: dict[str, dict[str, Any]] = {}
+    # Outcomes of earlier invocations stay (a sweep run in batches, e.g. with --only), and
+    # this invocation's runs replace theirs.
+    status: dict[str, dict[str, Any]] = _read_status(out)
     pending = []
     for index, run in enumerate(sweep.runs):
         run_dir = out / run.name
@@ -489,7 +515,8 @@ def run_local(sweep: Sweep, out: Path, configs: dict[str, Config], dry_run: bool
         return 130
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_status.json").write_text(json.dumps(status, indent=1) + "\n")
-    bad = [name for name, entry in status.items() if entry["status"] not in ("done", "skipped")]
+    mine = {run.name for run in sweep.runs}  # an earlier batch's failures are its own
+    bad = [name for name, entry in status.items() if name in mine and entry.get("status") not in ("done", "skipped")]
     if bad:
         print(f"[sweep {sweep.name}] {len(bad)} run(s) failed: {', '.join(bad)}; run the sweep again to "
               f"resume them (status: {out / 'sweep_status.json'})", flush=True)
@@ -565,6 +592,9 @@ def register(subparsers) -> None:
     parser.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
                         help="local sweeps: stop the whole sweep after this many seconds; runs not started by "
                              "then are recorded as not started (0 = none)")
+    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="run only the runs whose name matches (shell-style, repeatable), e.g. "
+                             "--only 'stratified,*' --only '*,seed=2'; the others are left as they are")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides applied to every run, e.g. train.steps=10")
     parser.set_defaults(handler=_sweep)
@@ -578,6 +608,7 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ConfigError("--parallel, --run-timeout and --time-limit apply to local sweeps; Slurm runs the array "
                           "tasks itself (set its limits with --sbatch-arg, e.g. --sbatch-arg=--time=01:00:00)")
     sweep = load_sweep(args.config)
+    select_runs(sweep, args.only)
     apply_overrides(sweep, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
     configs = check_runs(sweep, out, for_slurm=args.slurm)

@@ -11,6 +11,10 @@
 # installed into /tmp/site). Extra key=value arguments go to every run (e.g. train.device=cpu
 # train.steps=3 for a dry check). Limits (environment): PARALLEL=11, RUN_TIMEOUT=420 s,
 # TIME_LIMIT=460 s: the sweep stops by then, so the script ends within about 9 minutes.
+# Batches (environment): ONLY="pattern ..." runs only the matching runs (moe-dist sweep --only,
+# e.g. ONLY="stratified,* switchhead,*"); KEEP_SWEEP_DIR=1 keeps $SWEEP_DIR from an earlier call
+# on the same (warm) machine, so runs resume from their checkpoints and the status file keeps
+# the earlier batches' outcomes.
 # Written to RESULTS_DIR: sweep.log, runs.tar.gz (every run's config, metrics.jsonl, log and
 # sweep_status.json), architectures_gpu.{md,json,png}, gpu.log (nvidia-smi every 30 s).
 set -uo pipefail
@@ -45,10 +49,13 @@ if command -v nvidia-smi >/dev/null; then
         >>"$RESULTS/gpu.log" 2>&1 &
     MONITOR=$!
 fi
-rm -rf "$SWEEP_DIR"
+[ "${KEEP_SWEEP_DIR:-0}" = 1 ] || rm -rf "$SWEEP_DIR"
+ONLY_ARGS=()
+read -r -a ONLY_PATTERNS <<< "${ONLY:-}"  # split on spaces, no globbing
+for pattern in "${ONLY_PATTERNS[@]}"; do ONLY_ARGS+=(--only "$pattern"); done
 start=$(date +%s)
 python3 -m moe_dist.cli sweep --config configs/sweeps/architectures_gpu.yaml --out "$SWEEP_DIR" \
-    --parallel "${PARALLEL:-11}" --run-timeout "${RUN_TIMEOUT:-420}" --time-limit "${TIME_LIMIT:-460}" \
+    --parallel "${PARALLEL:-11}" --run-timeout "${RUN_TIMEOUT:-420}" --time-limit "${TIME_LIMIT:-460}" "${ONLY_ARGS[@]}" \
     data.source=/tmp/moe_dist_corpus data.cache_dir=.cache/study_gpu "$@" 2>&1 |
     tee "$RESULTS/sweep.log" | grep -v '^    '
 echo "sweep: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"

@@ -310,3 +310,25 @@ def test_parallel_options_are_checked(tmp_path, capsys):
                           (["--slurm", "--parallel", "2"], "--parallel, --run-timeout and --time-limit apply to local")):
         assert main(["sweep", "--config", str(path), "--out", str(tmp_path / "o"), "--dry-run", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_only_selects_runs_and_batches_keep_each_others_status(tmp_path, monkeypatch, capsys):
+    """A sweep run in two batches (--only): the second batch's status file still lists the
+    first batch's runs, and its own runs replace their entries."""
+    path = write_sweep(tmp_path, "runs:\n  - {name: a}\n  - {name: b, moe.num_experts: 4}\nseeds: [0, 1]\n")
+    sweep = load_sweep(path)
+    sweep_mod.select_runs(sweep, ["b,*", "a,seed=1"])
+    assert [run.name for run in sweep.runs] == ["b,seed=0", "a,seed=1", "b,seed=1"]
+    with pytest.raises(ConfigError, match=r"--only \['c\*'\] matches no run of sweep .*a,seed=0, b,seed=0"):
+        sweep_mod.select_runs(load_sweep(path), ["c*"])
+
+    _stand_in(monkeypatch, "import sys; sys.exit(3 if sys.argv[1] == 'a,seed=0' else 0)")
+    first = load_sweep(path)
+    sweep_mod.select_runs(first, ["a,seed=0"])
+    assert sweep_mod.run_local(first, tmp_path, check_runs(first, tmp_path)) == 1
+    second = load_sweep(path)
+    sweep_mod.select_runs(second, ["b,*"])
+    assert sweep_mod.run_local(second, tmp_path, check_runs(second, tmp_path)) == 0
+    status = json.loads((tmp_path / "sweep_status.json").read_text())
+    assert {name: entry["status"] for name, entry in status.items()} == {
+        "a,seed=0": "failed", "b,seed=0": "done", "b,seed=1": "done"}
