@@ -184,7 +184,10 @@ class StratifiedMoELayer(MoELayer):
             nn.init.normal_(gate.weight, std=std)
 
     def mean_passes(self) -> float:
-        """Expert passes per token over the training forwards so far (1.0 before any)."""
+        """Expert passes per token over the training forwards so far (1.0 before any, and for a
+        model on the meta device, as a dry run or report builds it)."""
+        if self.tokens_seen.is_meta:
+            return 1.0
         seen = float(self.tokens_seen)
         return float(self.passes_seen) / seen if seen > 0 else 1.0
 

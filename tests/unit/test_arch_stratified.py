@@ -130,3 +130,20 @@ def test_bad_strata():
                           stratified=StratifiedConfig(strata=[2, 4])), MoEConfig(num_experts=8))
     with pytest.raises(ConfigError, match="positive sizes"):
         StratifiedConfig(strata=[4, 0])
+
+
+def test_a_model_on_the_meta_device_counts_one_pass_per_token():
+    """Dry runs and reports build models on the meta device: the FLOP count must not read the
+    (meta) pass counters, and counts one pass per token as before training."""
+    from moe_dist.config import load_config
+    from moe_dist.metrics.flops import training_flops_per_token
+    from moe_dist.models.registry import build_model
+
+    cfg = load_config("configs/stratified.yaml", ["model.dim=32", "model.n_layers=2", "model.n_heads=4",
+                                                  "model.ffn_dim=64", "model.vocab_size=64", "data.seq_len=16"])
+    with torch.device("meta"):
+        meta_model = build_model(cfg.model, cfg.moe)
+    cpu_model = build_model(cfg.model, cfg.moe)
+    assert meta_model.mean_passes() and all(p == 1.0 for p in meta_model.mean_passes())
+    meta = training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len, model=meta_model).total
+    assert meta == training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len, model=cpu_model).total
