@@ -15,6 +15,7 @@ import socket
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -135,6 +136,27 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device, label: str) -> int | None:
+    """Device-to-host syncs ``fn()`` makes, counted under ``torch.cuda.set_sync_debug_mode("warn")``
+    (None off CUDA); the first few are logged with ``label``. The mode's own "prototype feature"
+    notice, which it emits the first time it is switched on, is not a sync."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()
+             and "prototype feature" not in str(w.message)]
+    for w in syncs[:5]:
+        log(f"[{label}] host sync: {w.filename}:{w.lineno}: {w.message}")
+    return len(syncs)
 
 
 def free_port() -> int:

@@ -18,33 +18,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 
 import torch
 
-from benchmarks.common import (emit, error_record, gpu_name, log, pick_device, reference_kernels_only,
-                               resolve_repeats, time_fwd_bwd)
+from benchmarks.common import (count_host_syncs, emit, error_record, gpu_name, log, pick_device,
+                               reference_kernels_only, resolve_repeats, time_fwd_bwd)
 from benchmarks.moe_layer import SHAPES, TINY, Shape, build_moe_dist
 
 
-def count_host_syncs(forward, device: torch.device) -> int | None:
-    """Device-to-host syncs in one forward + backward (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = forward()
-            out.backward(torch.ones_like(out))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()
-             and "prototype feature" not in str(w.message)]  # the mode's own notice is no sync
-    for w in syncs[:5]:
-        log(f"[dispatch] host sync: {w.filename}:{w.lineno}: {w.message}")
-    return len(syncs)
+def forward_backward(forward) -> None:
+    """One forward + backward of ``forward()``'s output."""
+    out = forward()
+    out.backward(torch.ones_like(out))
 
 
 def device_kernel_ms(forward, device: torch.device, iters: int = 3) -> float | None:
@@ -87,7 +72,7 @@ def run(shape: Shape, system: str, args, device, dtype) -> dict:
 
             routing_t = time_fwd_bwd(routing_forward, device, args.warmup, args.iters, zero_grad)
             layer_t = time_fwd_bwd(layer_forward, device, args.warmup, args.iters, zero_grad)
-            syncs = count_host_syncs(layer_forward, device)
+            syncs = count_host_syncs(lambda: forward_backward(layer_forward), device, "dispatch")
             routing_kernel = device_kernel_ms(routing_forward, device)
             layer_kernel = device_kernel_ms(layer_forward, device)
     except Exception as exc:

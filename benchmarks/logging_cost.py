@@ -45,12 +45,11 @@ import contextlib
 import logging
 import statistics
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DeviceClock, emit, gpu_name, log, pick_device, sync
+from benchmarks.common import DeviceClock, count_host_syncs, emit, gpu_name, log, pick_device, sync
 from benchmarks.train_step import (FULL, TINY, TrainSetup, add_compile_args, build_setup, compile_mode_label,
                                    resolve_compile_mode)
 from moe_dist.config import Config, LogConfig
@@ -140,21 +139,6 @@ def trainer_log_file(path: Path):
         handler.close()
 
 
-def count_host_syncs(fn) -> int | None:
-    """Synchronising CUDA calls ``fn`` makes (sync debug mode 'warn'); None off CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    sync(torch.device("cuda"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def run_block(mode: str, steps: int, setup: TrainSetup, harness: LoggingHarness, means: DeviceMeans,
               marks: DeviceClock, device: torch.device) -> list[float]:
     """Per-step milliseconds of ``steps`` steps in ``mode``."""
@@ -217,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times[mode] += run_block(mode, block, setup, harness, means, marks, device)
         # One more step, its logging under the sync detector (CUDA only).
         harness.record_step(setup.step(), means, setup.tokens_per_step)
-        syncs = count_host_syncs(lambda: harness.log_step(means))
+        syncs = count_host_syncs(lambda: harness.log_step(means), device, "logging_cost")
         if syncs is None:
             harness.log_step(means)
         harness.finish_logging()
