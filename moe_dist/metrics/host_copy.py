@@ -27,10 +27,6 @@ class PendingHostCopy:
         else:
             self._host = [t.detach().clone() for t in tensors]
 
-    def done(self) -> bool:
-        """Whether :meth:`wait` would return without blocking."""
-        return self._event is None or self._event.query()
-
     def wait(self) -> list[np.ndarray]:
         if self._event is not None:
             # NOTE: waits for this copy only; work queued after it keeps the device busy.

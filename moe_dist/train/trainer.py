@@ -249,10 +249,6 @@ class Trainer:
         self.metrics.close()
         return FitResult(self.step, last_loss, last_val, preempted)
 
-    def _log_window(self, means: DeviceMeans, progress) -> tuple[float, dict]:
-        """The logging window ending at this step, read at once: (mean train loss, record)."""
-        return self._read_log_window(self._stage_log_window(means), progress)
-
     def _stage_log_window(self, means: DeviceMeans) -> StagedLogWindow:
         """Everything a logging window reports, reduced on the device and on its way to the
         host; no host sync (except routing-state metrics of variable-k routers and dynamic
