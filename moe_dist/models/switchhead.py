@@ -41,7 +41,7 @@ from moe_dist.config import ConfigError, MoEConfig, SwitchHeadConfig
 from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.transformer import apply_rotary, rotary_tables
 from moe_dist.moe.dispatch.permutation import PermuteState, count_per_expert, permute, unpermute
-from moe_dist.moe.experts import GroupedExperts, grouped_matmul
+from moe_dist.moe.experts import GroupedExperts, grouped_matmul, to_autocast_dtype
 from moe_dist.moe.layer import MoELayer
 from moe_dist.moe.routing.result import RoutingResult
 from moe_dist.moe.stats import ExpertLoadStats
@@ -101,6 +101,7 @@ class SwitchHeadAttention(nn.Module):
         or one per (token, head) (output side: rows_per_item = K). Returns [T*H, out_features].
         """
         num_tokens, heads, top_k = ids_THK.shape
+        rows = to_autocast_dtype(rows)  # grouped_mm is not an autocast op: bf16 rows, not fp32
         sorted_rows, counts, state = permute(rows, ids_THK.reshape(-1, rows_per_item), weight.shape[0])
         out_sorted = grouped_matmul(sorted_rows, weight, counts, self.backend)
         # Assignment n = (t*H + h)*K + k in both layouts, so un-sorting per (token, head) item

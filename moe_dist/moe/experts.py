@@ -2,7 +2,9 @@
 
 Input rows arrive sorted by expert with ``tokens_per_expert`` rows each (trailing rows past
 the sum are padding and come back as zeros). The fast path is ``torch._grouped_mm`` with
-device-side offsets (no host sync); the exact fallback loops over experts.
+device-side offsets (no host sync); widths it cannot take (rows not 16-byte aligned, e.g.
+SwitchHead's d_h=52) are zero-padded to the next aligned width, which costs a copy but no sync.
+The exact fallback loops over experts.
 
 Weights: ``w13[E, D, 2F]`` (gate and up projections fused) and ``w2[E, F, D]``. With
 ``activation='relu'`` (the sigma-MoE's two-layer experts, ``ReLU(x W1) W2``) ``w13`` holds only
@@ -87,21 +89,42 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm accepts these operands (16-byte aligned rows, float dtypes)."""
+def grouped_mm_dtype_supported(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes ``x``'s dtype on its device (any width, after padding)."""
     if not _HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if x.device.type == "cuda" and x.dtype == torch.float32:
         return False  # the CUDA kernel is bf16/fp16 only
     if x.dtype == torch.float32 and torch.compiler.is_compiling():
         return False  # its fake (meta) kernel accepts bf16 only, so fp32 cannot be traced
+    return True
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm accepts these operands as they are (16-byte aligned rows, float dtypes)."""
+    if not grouped_mm_dtype_supported(x):
+        return False
     align = 16 // x.element_size()
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+
+
+def _pad_to_alignment(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``x``'s and ``w``'s inner width and ``w``'s output width to 16-byte rows.
+
+    Zero columns add nothing to the products, so the first ``F`` output columns are exact.
+    """
+    align = 16 // x_ND.element_size()
+    pad_in, pad_out = -w_EDF.shape[-2] % align, -w_EDF.shape[-1] % align
+    return F.pad(x_ND, (0, pad_in)), F.pad(w_EDF.to(x_ND.dtype), (0, pad_out, 0, pad_in))
 
 
 def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for rows sorted by expert."""
+    if backend == "auto" and not grouped_mm_supported(x_ND, w_EDF) and grouped_mm_dtype_supported(x_ND):
+        out_features = w_EDF.shape[-1]
+        x_padded, w_padded = _pad_to_alignment(x_ND, w_EDF)
+        return grouped_matmul(x_padded, w_padded, tokens_per_expert, "grouped_mm")[:, :out_features]
     use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_ND, w_EDF))
     if use_grouped:
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)

@@ -61,11 +61,35 @@ def test_grouped_mm_and_loop_agree_with_sum_backward():
     torch.testing.assert_close(fast.w13.grad, slow.w13.grad)
 
 
-def test_odd_shapes_fall_back_to_the_loop():
+def test_odd_widths_are_padded_into_grouped_mm_and_match_the_loop():
     assert not grouped_mm_supported(torch.zeros(1, 10), torch.zeros(2, 10, 7))
-    experts = GroupedExperts(2, 10, 7)
-    out = experts(torch.randn(4, 10), torch.tensor([1, 3]))
-    assert out.shape == (4, 10)
+    torch.manual_seed(2)
+    padded, loop = GroupedExperts(3, 10, 7), GroupedExperts(3, 10, 7, "loop")
+    loop.load_state_dict(padded.state_dict())
+    x = torch.randn(9, 10, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    counts = torch.tensor([1, 3, 4])  # the last row is padding and must come back as zeros
+    out, ref = padded(x, counts), loop(x_ref, counts)
+    assert out.shape == (9, 10) and not out[8].any()
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for a, b in zip((padded.w13, padded.w2), (loop.w13, loop.w2)):
+        assert a.grad.shape == a.shape
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_padding_is_taken_only_where_grouped_mm_takes_the_dtype(monkeypatch):
+    from moe_dist.moe import experts as experts_module
+    calls = []
+    monkeypatch.setattr(experts_module, "_loop_matmul", lambda *a: calls.append("loop") or a[0][:, :7] * 0)
+    experts_module.grouped_matmul(torch.randn(4, 10), torch.randn(2, 10, 7), torch.tensor([1, 3]))
+    assert calls == []  # fp32 on CPU: padded grouped_mm
+    experts_module.grouped_matmul(torch.randn(4, 10).double(), torch.randn(2, 10, 7).double(),
+                                  torch.tensor([1, 3]))
+    assert calls == ["loop"]  # float64: grouped_mm does not take it at any width
 
 
 def test_capacity_formula_and_priority():
