@@ -112,10 +112,12 @@ class StratifiedMoELayer(MoELayer):
         aux_total = x_TD.new_zeros((), dtype=torch.float32)
         passes = 0
         while True:
-            stratum, self._pass_tokens = self._next_stratum(state_T)
+            stratum, self._pass_tokens, local_rows = self._next_stratum(state_T)
             if stratum >= self.num_strata:
                 break
-            rows = (state_T == stratum).nonzero().squeeze(1)  # NOTE: device-to-host sync (row count)
+            # The pending tokens in index order, as nonzero() gives them, but sized by the count
+            # _next_stratum already read, so the pass costs no second host sync.
+            rows = torch.argsort((state_T != stratum).to(torch.int8), stable=True)[:local_rows]
             inp = self.norms[stratum]((x_TD + acc_TD).index_select(0, rows))
             y, top1, aux = self._pass(inp, stratum)
             self._pass_tokens = 0
@@ -132,15 +134,16 @@ class StratifiedMoELayer(MoELayer):
                 losses["aux_loss"] = coef * aux_total / passes
         return acc_TD.view(shape), losses
 
-    def _next_stratum(self, state_T: torch.Tensor) -> tuple[int, int]:
-        """(lowest stratum with a pending token anywhere in the group, its largest token count)."""
-        counts = torch.bincount(state_T, minlength=self.num_strata + 1)[:self.num_strata]
-        if self.agree_stratum is not None:
-            counts = self.agree_stratum(counts)
-        for stratum, count in enumerate(counts.tolist()):  # NOTE: device-to-host sync
+    def _next_stratum(self, state_T: torch.Tensor) -> tuple[int, int, int]:
+        """(lowest stratum with a pending token anywhere in the group, its largest token count
+        over the group, this rank's count), read in one device-to-host sync."""
+        local = torch.bincount(state_T, minlength=self.num_strata + 1)[:self.num_strata]
+        agreed = self.agree_stratum(local) if self.agree_stratum is not None else local
+        agreed_counts, local_counts = torch.stack([agreed, local]).tolist()  # NOTE: host sync
+        for stratum, count in enumerate(agreed_counts):
             if count > 0:
-                return stratum, count
-        return self.num_strata, 0
+                return stratum, count, local_counts[stratum]
+        return self.num_strata, 0, 0
 
     def _pass(self, inp_SD: torch.Tensor, stratum: int):
         """One pass of stratum ``stratum`` over its tokens: (output, top-1 global id, unweighted aux)."""
