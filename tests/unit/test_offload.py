@@ -90,13 +90,14 @@ def test_offload_with_compiled_blocks():
     counters.clear()
     model, optimizer, norms = _train(cfg, offload=True, steps=3, accum=2, compiled=True)
     assert counters["stats"]["unique_graphs"] >= 1  # the blocks really ran compiled
-    assert all(p.grad is None for p in model.parameters())  # every hook fired, nothing left behind
-    assert optimizer.main_grads.abs().sum() > 0  # the last step's (clipped) gradients
+    assert all(p.grad is None for p in model.parameters())  # the hooks freed every .grad ...
+    for param, offset in zip(optimizer.compute_params, optimizer.offsets):  # ... after adding it here
+        assert optimizer.main_grads[offset:offset + param.numel()].abs().sum() > 0, tuple(param.shape)
     torch.testing.assert_close(norms, eager_norms, rtol=1e-5, atol=0)
     ref, got, initial = _params(eager), _params(model), _params(_build(cfg))
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert min((initial[n] - got[n]).abs().max().item() for n in got) > 0  # every parameter was stepped
+    assert min((initial[n] - got[n]).abs().max().item() for n in got) > 1e-3  # every parameter was stepped
 
 
 def _named_masters(model, optimizer) -> dict[str, torch.Tensor]:
