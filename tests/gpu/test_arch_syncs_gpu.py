@@ -1,0 +1,62 @@
+"""Host syncs of the SwitchHead attention and the Stratified MoE layer, counted by CUDA itself.
+
+The architecture study's two slowest rows (docs/architectures.md, "Study") came from host syncs:
+
+* SwitchHead at d_h = 52, whose rows are not 16-byte aligned, took the per-expert loop (one sync
+  per grouped GEMM); its widths are now zero-padded into ``torch._grouped_mm``, so a training
+  step under bf16 autocast with fp32 parameters and an fp32 residual stream must not sync at all;
+* Stratified MoE reads its per-stratum pending counts on the host, now once per pass: a forward
+  makes ``passes + 1`` reads (the last one finds no pending token), the backward none.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from moe_dist.config import MoEConfig, RouterConfig, StratifiedConfig, SwitchHeadConfig  # noqa: E402
+from moe_dist.models.stratified import StratifiedMoELayer  # noqa: E402
+from moe_dist.models.switchhead import SwitchHeadAttention  # noqa: E402
+from moe_dist.models.transformer import rotary_tables  # noqa: E402
+from test_host_syncs_gpu import assert_syncs, count_syncs  # noqa: E402
+
+DIM, BATCH, SEQ = 512, 4, 256
+
+
+def _autocast_step(module, x, *extra):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = module(x, *extra)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().square().mean().backward()
+
+
+def test_switchhead_with_unaligned_head_width_trains_without_a_host_sync():
+    torch.manual_seed(0)
+    cfg = SwitchHeadConfig(n_heads=4, head_dim=52, num_experts=4, top_k=2)
+    attention = SwitchHeadAttention(DIM, cfg, default_heads=8).cuda().train()
+    cos, sin = (t.cuda() for t in rotary_tables(52, SEQ, 10000.0))
+    x = torch.randn(BATCH, SEQ, DIM, device="cuda", requires_grad=True)  # fp32 residual stream
+    for _ in range(2):  # warm-ups: Triton compilation, cuBLAS handles, the allocator
+        _autocast_step(attention, x, cos, sin)
+    assert_syncs(lambda: _autocast_step(attention, x, cos, sin), 0)
+    assert attention.w_v.grad is not None and attention.w_v.grad.abs().sum() > 0
+
+
+def test_stratified_reads_the_host_once_per_pass():
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=8, expert_ffn_dim=256, router=RouterConfig(top_k=2, aux_loss_coef=0.01))
+    layer = StratifiedMoELayer(DIM, 1024, moe, StratifiedConfig(strata=[4, 4]), 1e-5).cuda().train()
+    x = torch.randn(BATCH, SEQ, DIM, device="cuda", requires_grad=True)
+    for _ in range(2):
+        _autocast_step(layer, x)
+    passes = []
+    one_pass = layer._pass
+    layer._pass = lambda *args: passes.append(args[1]) or one_pass(*args)
+    where = count_syncs(lambda: _autocast_step(layer, x))
+    assert passes and len(where) == len(passes) + 1, f"{len(where)} host syncs for passes {passes}: {where}"
+    assert all("stratified.py" in w for w in where), where
