@@ -45,6 +45,7 @@ from moe_dist.config import ConfigError, MoEConfig, StratifiedConfig
 from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.transformer import RMSNorm
 from moe_dist.moe import capacity as cap
+from moe_dist.moe.dispatch.permutation import count_per_expert
 from moe_dist.moe.layer import MoELayer
 
 AgreeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -137,7 +138,7 @@ class StratifiedMoELayer(MoELayer):
     def _next_stratum(self, state_T: torch.Tensor) -> tuple[int, int, int]:
         """(lowest stratum with a pending token anywhere in the group, its largest token count
         over the group, this rank's count), read in one device-to-host sync."""
-        local = torch.bincount(state_T, minlength=self.num_strata + 1)[:self.num_strata]
+        local = count_per_expert(state_T, self.num_strata + 1)[:self.num_strata]
         agreed = self.agree_stratum(local) if self.agree_stratum is not None else local
         agreed_counts, local_counts = torch.stack([agreed, local]).tolist()  # NOTE: host sync
         for stratum, count in enumerate(agreed_counts):
@@ -167,7 +168,7 @@ class StratifiedMoELayer(MoELayer):
         y = self.dispatcher.combine(expert_out, weights, handle)
 
         num_rows = inp_SD.shape[0]
-        top1_counts = torch.bincount(local_idx[:, 0], minlength=visible).float()
+        top1_counts = count_per_expert(local_idx[:, 0], visible).float()
         aux = visible * (probs.mean(0) * top1_counts / num_rows).sum() if num_rows else probs.sum() * 0.0
         if self.training:
             self._record_pass(indices, valid)
@@ -175,9 +176,9 @@ class StratifiedMoELayer(MoELayer):
 
     @torch.no_grad()
     def _record_pass(self, indices: torch.Tensor, valid: torch.Tensor | None) -> None:
-        routed = torch.bincount(indices.flatten(), minlength=self.num_experts)
+        routed = count_per_expert(indices.flatten(), self.num_experts)
         kept_ids = indices if valid is None else torch.where(valid, indices, self.num_experts)
-        kept = torch.bincount(kept_ids.flatten(), minlength=self.num_experts + 1)[:self.num_experts]
+        kept = count_per_expert(kept_ids.flatten(), self.num_experts + 1)[:self.num_experts]
         self.stats.update(routed, kept, 0)
         self.passes_seen += indices.shape[0]
 

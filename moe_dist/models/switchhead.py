@@ -131,7 +131,7 @@ class SwitchHeadAttention(nn.Module):
     @torch.no_grad()
     def _record(self, ids_v: torch.Tensor, ids_o: torch.Tensor) -> None:
         pool = self.n_heads * self.num_experts
-        counts = torch.bincount(torch.cat([ids_v.flatten(), ids_o.flatten() + pool]), minlength=2 * pool)
+        counts = count_per_expert(torch.cat([ids_v.flatten(), ids_o.flatten() + pool]), 2 * pool)
         self.stats.update(counts, counts, ids_v.shape[0])
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:

@@ -7,6 +7,11 @@ The architecture study's two slowest rows (docs/architectures.md, "Study") came 
   step under bf16 autocast with fp32 parameters and an fp32 residual stream must not sync at all;
 * Stratified MoE reads its per-stratum pending counts on the host, now once per pass: a forward
   makes ``passes + 1`` reads (the last one finds no pending token), the backward none.
+
+Both also counted expert load with CUDA ``torch.bincount``, which reads its maximum back to the
+host: on an H200 this file's first run (2026-12-07) found one such sync in SwitchHead's load
+record and 21 in a two-pass Stratified forward (two per ``bincount``). They now count with
+``count_per_expert`` (a scatter-add into a fixed-size buffer).
 """
 
 from __future__ import annotations
