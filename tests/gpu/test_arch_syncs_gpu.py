@@ -9,9 +9,10 @@ The architecture study's two slowest rows (docs/architectures.md, "Study") came 
   makes ``passes + 1`` reads (the last one finds no pending token), the backward none.
 
 Both also counted expert load with CUDA ``torch.bincount``, which reads its maximum back to the
-host: on an H200 this file's first run (2026-12-07) found one such sync in SwitchHead's load
-record and 21 in a two-pass Stratified forward (two per ``bincount``). They now count with
-``count_per_expert`` (a scatter-add into a fixed-size buffer).
+host: on an H200 this file's first run (2026-12-07) stopped at such a sync in SwitchHead's
+load record (mode "error" raises at the first) and counted 21 in a two-pass Stratified forward
+(the 3 documented reads, and 18 from nine ``bincount`` calls, two syncs each). They now count
+with ``count_per_expert`` (a scatter-add into a fixed-size buffer).
 """
 
 from __future__ import annotations
