@@ -43,7 +43,7 @@ from moe_dist.config.model import MoAConfig
 from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.models.switchhead import StatsSlice
 from moe_dist.models.transformer import Block, apply_rotary, rotary_tables
-from moe_dist.moe.dispatch.permutation import PermuteState, permute, unpermute
+from moe_dist.moe.dispatch.permutation import PermuteState, count_per_expert, permute, unpermute
 from moe_dist.moe.experts import grouped_matmul
 from moe_dist.moe.routing import balance
 from moe_dist.moe.stats import ExpertLoadStats
@@ -90,7 +90,7 @@ class MoAAttention(nn.Module):
         """The weighted balance and z losses of one micro-batch (training only)."""
         out: dict[str, torch.Tensor] = {}
         if self.aux_loss_coef > 0:
-            counts = torch.bincount(ids_TK.flatten(), minlength=self.num_experts)
+            counts = count_per_expert(ids_TK.flatten(), self.num_experts)
             out["moa_aux_loss"] = self.aux_loss_coef * balance.switch_aux_loss(probs_TE, counts, self.top_k)
         if self.z_loss_coef > 0:
             out["moa_z_loss"] = self.z_loss_coef * balance.z_loss(logits_TE)
@@ -139,7 +139,7 @@ class MoAAttention(nn.Module):
 
     @torch.no_grad()
     def _record(self, ids_TK: torch.Tensor) -> None:
-        counts = torch.bincount(ids_TK.flatten(), minlength=self.num_experts)
+        counts = count_per_expert(ids_TK.flatten(), self.num_experts)
         self.stats.update(counts, counts, ids_TK.shape[0])
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:

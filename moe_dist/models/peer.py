@@ -38,6 +38,7 @@ from torch import nn
 
 from moe_dist.config import ConfigError, PEERConfig
 from moe_dist.models.arch_base import ArchTransformer
+from moe_dist.moe.dispatch.permutation import count_per_expert
 from moe_dist.moe.stats import ExpertLoadStats
 
 
@@ -140,7 +141,7 @@ class PEERLayer(nn.Module):
 
     @torch.no_grad()
     def _record(self, ids: torch.Tensor) -> None:
-        counts = torch.bincount((ids // self.side).flatten(), minlength=self.side)
+        counts = count_per_expert((ids // self.side).flatten(), self.side)  # no host sync on CUDA
         self.stats.update(counts, counts, ids.shape[0])
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
