@@ -124,7 +124,8 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: t
     if backend == "auto" and not grouped_mm_supported(x_ND, w_EDF) and grouped_mm_dtype_supported(x_ND):
         out_features = w_EDF.shape[-1]
         x_padded, w_padded = _pad_to_alignment(x_ND, w_EDF)
-        return grouped_matmul(x_padded, w_padded, tokens_per_expert, "grouped_mm")[:, :out_features]
+        # contiguous: the fused SwiGLU kernel and the permutation kernels read dense rows
+        return grouped_matmul(x_padded, w_padded, tokens_per_expert, "grouped_mm")[:, :out_features].contiguous()
     use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_ND, w_EDF))
     if use_grouped:
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
