@@ -121,13 +121,15 @@ def _pad_to_alignment(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> tuple[torch.Te
 def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for rows sorted by expert."""
-    if backend == "auto" and not grouped_mm_supported(x_ND, w_EDF) and grouped_mm_dtype_supported(x_ND):
-        out_features = w_EDF.shape[-1]
-        x_padded, w_padded = _pad_to_alignment(x_ND, w_EDF)
-        # contiguous: the fused SwiGLU kernel and the permutation kernels read dense rows
-        return grouped_matmul(x_padded, w_padded, tokens_per_expert, "grouped_mm")[:, :out_features].contiguous()
-    use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_ND, w_EDF))
-    if use_grouped:
+    if backend == "auto":
+        if grouped_mm_supported(x_ND, w_EDF):
+            backend = "grouped_mm"
+        elif grouped_mm_dtype_supported(x_ND):
+            out_features = w_EDF.shape[-1]
+            x_padded, w_padded = _pad_to_alignment(x_ND, w_EDF)
+            # contiguous: the fused SwiGLU kernel and the permutation kernels read dense rows
+            return grouped_matmul(x_padded, w_padded, tokens_per_expert, "grouped_mm")[:, :out_features].contiguous()
+    if backend == "grouped_mm":
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         if not len(offsets):
             return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets))
