@@ -138,10 +138,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_host_syncs(fn: Callable[[], object], device: torch.device, label: str) -> int | None:
-    """Device-to-host syncs ``fn()`` makes, counted under ``torch.cuda.set_sync_debug_mode("warn")``
-    (None off CUDA); the first few are logged with ``label``. The mode's own "prototype feature"
-    notice, which it emits the first time it is switched on, is not a sync."""
+def host_sync_sites(fn: Callable[[], object], device: torch.device) -> list[str] | None:
+    """'file:line' of each device-to-host sync ``fn()`` makes, as CUDA's
+    ``set_sync_debug_mode("warn")`` reports them (None off CUDA). The mode's own "prototype
+    feature" notice, which it emits the first time it is switched on, is not a sync."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -152,11 +152,20 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device, label: str)
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()
-             and "prototype feature" not in str(w.message)]
-    for w in syncs[:5]:
-        log(f"[{label}] host sync: {w.filename}:{w.lineno}: {w.message}")
-    return len(syncs)
+    torch.cuda.synchronize(device)
+    return [f"{w.filename}:{w.lineno}" for w in caught
+            if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message).lower()]
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device, label: str) -> int | None:
+    """How many device-to-host syncs ``fn()`` makes (:func:`host_sync_sites`; None off CUDA); the
+    first few are logged with ``label``."""
+    sites = host_sync_sites(fn, device)
+    if sites is None:
+        return None
+    for site in sites[:5]:
+        log(f"[{label}] host sync at {site}")
+    return len(sites)
 
 
 def free_port() -> int:

@@ -30,7 +30,6 @@ source line of each sync (the measurement quoted in docs/performance.md).
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -40,6 +39,7 @@ pytestmark = pytest.mark.gpu
 if __name__ != "__main__" and not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from benchmarks.common import host_sync_sites  # noqa: E402
 from moe_dist.config import CapacityConfig, MoEConfig, ParallelConfig, RouterConfig  # noqa: E402
 from moe_dist.moe.layer import MoELayer  # noqa: E402
 
@@ -68,23 +68,9 @@ def training_step(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _is_sync_warning(w: warnings.WarningMessage) -> bool:
-    text = str(w.message).lower()
-    return "synchroniz" in text and "prototype" not in text  # the mode's own notice is no sync
-
-
 def count_syncs(step) -> list[str]:
     """Run ``step()`` under sync debug mode "warn"; one 'file:line' per device-to-host sync."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return [f"{w.filename}:{w.lineno}" for w in caught if _is_sync_warning(w)]
+    return host_sync_sites(step, torch.device("cuda"))
 
 
 def assert_syncs(step, expected: int) -> None:
