@@ -51,6 +51,7 @@ from torch import nn
 from moe_dist.config import ConfigError, MoEConfig
 from moe_dist.config.model import HMoEConfig
 from moe_dist.models.arch_base import ArchTransformer
+from moe_dist.moe.dispatch.permutation import count_per_expert
 from moe_dist.moe.experts import grouped_matmul
 from moe_dist.moe.stats import ExpertLoadStats
 
@@ -71,7 +72,7 @@ def hmoe_losses(probs_TE: torch.Tensor, indices_TK: torch.Tensor, widths: torch.
                 ) -> dict[str, torch.Tensor]:
     """Unweighted (p_penalty, balance, entropy) of one layer's routing (see the module docstring)."""
     num_experts = probs_TE.shape[-1]
-    counts = torch.bincount(indices_TK.flatten(), minlength=num_experts).to(probs_TE.dtype)
+    counts = count_per_expert(indices_TK.flatten(), num_experts).to(probs_TE.dtype)
     f = counts / max(indices_TK.numel(), 1)
     P = probs_TE.mean(0)
     size = widths.to(probs_TE.dtype) / widths.to(probs_TE.dtype).mean()
@@ -138,7 +139,7 @@ class HMoELayer(nn.Module):
         pos_N = pos_of[eid_N]
         order = torch.argsort(pos_N, stable=True)
         xs = x_ND.index_select(0, order)
-        counts = torch.bincount(pos_N, minlength=len(ids))[:len(ids)]
+        counts = count_per_expert(pos_N, len(ids))
         ys = self._compute(xs, counts, ids)
         out = torch.empty_like(ys)
         return out.index_copy(0, order, ys)
@@ -194,7 +195,7 @@ class HMoELayer(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if self.training:
             with torch.no_grad():
-                routed = torch.bincount(eid_N, minlength=self.num_experts)
+                routed = count_per_expert(eid_N, self.num_experts)
                 self.stats.update(routed, routed, x_TD.shape[0])
                 self.width_seen += self.width_of[eid_N].sum()
                 self.tokens_seen += x_TD.shape[0]
