@@ -55,6 +55,7 @@ from moe_dist.models.hmoe_parallel import apply_hmoe_ep
 from moe_dist.models.peer import PEERLayer
 from moe_dist.models.stratified import StratifiedMoELayer
 from moe_dist.models.switchhead import SigmaMoELayer
+from moe_dist.moe.dispatch.permutation import count_per_expert
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -83,7 +84,7 @@ class ShardedTableLookup:
         owner_M = torch.div(indices_M, self.rows_per_rank, rounding_mode="floor")
         order_M = torch.argsort(owner_M, stable=True)
         send_ids = indices_M.index_select(0, order_M)
-        send_counts = torch.bincount(owner_M, minlength=P)
+        send_counts = count_per_expert(owner_M, P)
         # Step 2: counts; NOTE: device-to-host sync (sizes the receive buffer).
         recv_counts = comms.exchange_counts(send_counts, self.ep_group)
         splits = torch.cat([send_counts, recv_counts]).tolist()

@@ -33,6 +33,7 @@ from torch import nn
 from moe_dist.distributed import comms
 from moe_dist.distributed.param_tags import mark_whole_expert
 from moe_dist.models.hmoe import HMoELayer, place_experts
+from moe_dist.moe.dispatch.permutation import count_per_expert
 
 if TYPE_CHECKING:
     from moe_dist.distributed.mesh import ParallelMesh
@@ -54,7 +55,7 @@ class WidthPlacedExchange:
         # Step 1: rows by owner.
         owner_N = self.owner_of.to(eid_N.device)[eid_N]
         order = torch.argsort(owner_N, stable=True)
-        send_counts = torch.bincount(owner_N, minlength=P)
+        send_counts = count_per_expert(owner_N, P)
         # Step 2: counts; NOTE: device-to-host sync (sizes the receive buffers).
         recv_counts = comms.exchange_counts(send_counts, self.ep_group)
         splits = torch.cat([send_counts, recv_counts]).tolist()
