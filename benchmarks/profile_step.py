@@ -81,7 +81,9 @@ def device_breakdown(prof, steps: int) -> tuple[dict[str, float], dict[str, floa
     per_kernel: dict[str, float] = defaultdict(float)
     intervals = []
     for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        # record_function ranges (e.g. "Optimizer.step#AdamW.step") are mirrored onto the GPU
+        # timeline as annotations that span their kernels; counting them counts those kernels twice.
+        if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
             continue
         start, end = event.time_range.start, event.time_range.end
         intervals.append((start, end))

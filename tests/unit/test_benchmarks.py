@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import dispatch as dispatch_bench
 from benchmarks import moe_layer, train_step
@@ -190,6 +191,30 @@ def test_profile_step_union():
 
     assert union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
     assert union_us([]) == 0
+
+
+def test_profile_step_device_breakdown_skips_gpu_annotations():
+    """A record_function range on the GPU timeline spans its kernels: counted, the optimizer's
+    kernels would be counted twice (seen on an H100: 20 ms of 'optimizer' for 10 ms of kernels)."""
+    from types import SimpleNamespace
+
+    from benchmarks.profile_step import device_breakdown
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cuda, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("Optimizer.step#AdamW.step", 100, 400, annotation=True),
+              event("multi_tensor_apply_kernel", 100, 400),
+              event("nvjet_sm90_gemm", 0, 80),
+              event("aten::mm", 0, 80, device=cpu)]
+    per_category, per_kernel = device_breakdown(SimpleNamespace(events=lambda: events), steps=2)
+    assert per_category["optimizer"] == pytest.approx(0.15)  # 300 us over 2 steps, once
+    assert per_category["dense GEMM"] == pytest.approx(0.04)
+    assert per_category["idle/host"] == pytest.approx(0.01)  # the 20 us gap between them
+    assert "Optimizer.step#AdamW.step" not in per_kernel
 
 
 def test_profile_step_tiny(capsys):
