@@ -319,16 +319,9 @@ def _config_differences(a, b) -> str:
     """The keys (but train.seed) in which two run configs differ, e.g. ``train.steps 2000 != 3``."""
     from dataclasses import asdict
 
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
+    from moe_dist.train.run_dir import flatten_config
 
-    fa, fb = flat(asdict(a)), flat(asdict(b))
+    fa, fb = flatten_config(asdict(a)), flatten_config(asdict(b))
     keys = sorted(k for k in fa.keys() | fb.keys() if k != "train.seed" and fa.get(k) != fb.get(k))
     return ", ".join(f"{k} {fa.get(k)!r} != {fb.get(k)!r}" for k in keys)
 
