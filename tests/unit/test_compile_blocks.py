@@ -73,3 +73,21 @@ def test_a_model_without_blocks_or_compiled_twice_is_refused():
     model = compile_blocks(build_model(cfg.model, cfg.moe))
     with pytest.raises(ValueError, match="already compiled"):
         compile_blocks(model)
+
+
+def test_compiled_code_sees_no_cache_wrapper_in_the_kernel_switch():
+    """Every fast-path switch calls triton_available() inside compiled regions; a functools cache
+    around it made Dynamo warn ("Dynamo detected a call to a `functools.lru_cache`-wrapped
+    function") in every compiled run."""
+    import warnings
+
+    from moe_dist.moe.kernels.permute import triton_available
+
+    def switch(x):
+        return x + 1 if triton_available() else x - 1
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(switch, backend="eager")(torch.zeros(2))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert torch.equal(out, switch(torch.zeros(2)))

@@ -23,6 +23,7 @@ N = T*K sorted rows, D hidden.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Optional
 
 import torch
@@ -31,13 +32,13 @@ from torch.library import triton_op
 from moe_dist.moe.kernels.launch import launcher
 
 
-@functools.cache
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # A module constant, not functools.cache: torch.compile traces this call, and Dynamo warns
+    # about (and ignores) cache wrappers in every compiled run.
+    return _TRITON_INSTALLED
 
 
 def _block_d(dim: int) -> int:
