@@ -52,7 +52,7 @@ from moe_dist.config import ConfigError, MoEConfig
 from moe_dist.config.model import HMoEConfig
 from moe_dist.models.arch_base import ArchTransformer
 from moe_dist.moe.dispatch.permutation import count_per_expert
-from moe_dist.moe.experts import grouped_matmul
+from moe_dist.moe.experts import grouped_matmul, to_autocast_dtype
 from moe_dist.moe.stats import ExpertLoadStats
 
 
@@ -118,6 +118,7 @@ class HMoELayer(nn.Module):
         self.stats = ExpertLoadStats(self.num_experts)
         self.exchange = None
         """Set by ``models/hmoe_parallel.py`` under ep > 1: sends rows to the experts' owners."""
+        self._position_tables: dict[tuple, torch.Tensor] = {}
         self.register_buffer("width_seen", torch.zeros(()), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros(()), persistent=False)
 
@@ -131,14 +132,25 @@ class HMoELayer(nn.Module):
         """The experts this module holds, in compute order: by (width, global id)."""
         return sorted((int(e) for e in self.experts), key=lambda e: (self.widths[e], e))
 
+    def _position_table(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        """expert id -> its position in ``ids`` (``len(ids)`` for experts held elsewhere), built
+        once per (ids, device): building it copies ``ids`` to the device, a blocking copy."""
+        key = (tuple(ids), str(device))
+        table = self._position_tables.get(key)
+        if table is None:
+            table = torch.full((self.num_experts,), len(ids), dtype=torch.long)
+            table[ids] = torch.arange(len(ids))
+            table = self._position_tables[key] = table.to(device)
+        return table
+
     def run_local(self, x_ND: torch.Tensor, eid_N: torch.Tensor) -> torch.Tensor:
         """``out[n] = expert_{eid[n]}(x[n])`` for rows whose experts are all held here."""
         ids = self.local_ids()
-        pos_of = torch.full((self.num_experts,), len(ids), dtype=torch.long, device=x_ND.device)
-        pos_of[torch.tensor(ids, device=x_ND.device)] = torch.arange(len(ids), device=x_ND.device)
-        pos_N = pos_of[eid_N]
+        pos_N = self._position_table(ids, x_ND.device)[eid_N]
         order = torch.argsort(pos_N, stable=True)
-        xs = x_ND.index_select(0, order)
+        # In the autocast dtype: grouped_mm is not an autocast op and would send fp32 rows to the
+        # per-expert loop (a host sync per expert); unchanged on CPU.
+        xs = to_autocast_dtype(x_ND).index_select(0, order)
         counts = count_per_expert(pos_N, len(ids))
         ys = self._compute(xs, counts, ids)
         out = torch.empty_like(ys)

@@ -1,4 +1,4 @@
-"""Host syncs of the SwitchHead attention and the Stratified MoE layer, counted by CUDA itself.
+"""Host syncs of the SwitchHead attention, the Stratified MoE layer and HMoE, counted by CUDA itself.
 
 The architecture study's two slowest rows (docs/architectures.md, "Study") came from host syncs:
 
@@ -13,6 +13,11 @@ host: on an H200 this file's first run (2026-12-07) stopped at such a sync in Sw
 load record (mode "error" raises at the first) and counted 21 in a two-pass Stratified forward
 (the 3 documented reads, and 18 from nine ``bincount`` calls, two syncs each). They now count
 with ``count_per_expert`` (a scatter-add into a fixed-size buffer).
+
+HMoE (written 2026-12-08, not yet run on a GPU): its 'padded' expert compute is documented as
+sync-free and 'by_width' as one read per forward. Before that day it counted with ``bincount``,
+copied its expert ids to the device on every call, and sent fp32 rows to the grouped GEMM under
+autocast (the per-expert loop): all three synced.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from moe_dist.config import MoEConfig, RouterConfig, StratifiedConfig, SwitchHeadConfig  # noqa: E402
+from moe_dist.config.model import HMoEConfig  # noqa: E402
+from moe_dist.models.hmoe import HMoELayer  # noqa: E402
 from moe_dist.models.stratified import StratifiedMoELayer  # noqa: E402
 from moe_dist.models.switchhead import SwitchHeadAttention  # noqa: E402
 from moe_dist.models.transformer import rotary_tables  # noqa: E402
@@ -66,3 +73,25 @@ def test_stratified_reads_the_host_once_per_pass():
     where = count_syncs(lambda: _autocast_step(layer, x))
     assert passes and len(where) == len(passes) + 1, f"{len(where)} host syncs for passes {passes}: {where}"
     assert all("stratified.py" in w for w in where), where
+
+
+@pytest.mark.parametrize("gemm, reads", [("padded", 0), ("by_width", 1)])
+def test_hmoe_host_reads_per_training_step(gemm, reads):
+    """HMoE's expert compute (docs/architectures.md, HMoE): 'padded' runs one grouped GEMM over
+    zero-padded experts with no host read; 'by_width' reads the width groups' row counts once
+    per forward. Under bf16 autocast with an fp32 residual stream, so the rows must reach
+    grouped_mm in bf16 (fp32 rows would take the per-expert loop, which syncs)."""
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=8, expert_ffn_dim=256, router=RouterConfig(top_k=2))
+    layer = HMoELayer(DIM, moe, HMoEConfig(gemm=gemm, ratio=1.5), mean_width=256).cuda().train()
+    assert len(set(layer.widths)) > 1, layer.widths
+    for param in layer.parameters():  # the model's init fills them; the bare layer has torch.empty
+        torch.nn.init.normal_(param, std=0.02)
+    x = torch.randn(BATCH, SEQ, DIM, device="cuda", requires_grad=True)
+    for _ in range(2):
+        _autocast_step(layer, x)
+    assert_syncs(lambda: _autocast_step(layer, x), reads)  # mode "error" when 0
+    if reads:
+        where = count_syncs(lambda: _autocast_step(layer, x))
+        assert all("hmoe.py" in w for w in where), where
+    assert x.grad is not None and x.grad.abs().sum() > 0
