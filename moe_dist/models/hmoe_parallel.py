@@ -34,6 +34,7 @@ from moe_dist.distributed import comms
 from moe_dist.distributed.param_tags import mark_whole_expert
 from moe_dist.models.hmoe import HMoELayer, place_experts
 from moe_dist.moe.dispatch.permutation import count_per_expert
+from moe_dist.moe.experts import to_autocast_dtype
 
 if TYPE_CHECKING:
     from moe_dist.distributed.mesh import ParallelMesh
@@ -65,7 +66,9 @@ class WidthPlacedExchange:
         send_ids = eid_N.index_select(0, order)
         recv_ids = send_ids.new_empty(sum(recv_splits))
         comms.all_to_all_single(recv_ids, send_ids, recv_splits, send_splits, self.ep_group)
-        recv_x = comms.AllToAll.apply(x_ND.index_select(0, order), recv_splits, send_splits, self.ep_group)
+        # Rows travel in the autocast dtype (half the bytes of an fp32 residual stream on CUDA).
+        send_x = to_autocast_dtype(x_ND).index_select(0, order)
+        recv_x = comms.AllToAll.apply(send_x, recv_splits, send_splits, self.ep_group)
         # Step 4: the owner's experts.
         y = layer.run_local(recv_x, recv_ids)
         # Step 5: outputs back, original order.
