@@ -411,14 +411,17 @@ def _pm(mean: float | None, std: float | None, digits: int) -> str:
 
 
 def sweep_table(summary: dict) -> str:
-    lines = ["| row | seeds | val loss | train loss | params (M) | active params (M) | training FLOPs/token (M) "
-             "| tokens/s | realised k |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | val loss | val loss per seed | train loss | params (M) | active params (M) "
+             "| training FLOPs/token (M) | tokens/s | realised k |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         k = "" if row["k_used"] is None else _pm(row["realized_k"], row["realized_k_std"], 2)
         if k and row["unrouted_frac"] is not None:  # DynMoE: tokens that fired no expert
             k += f" ({100 * row['unrouted_frac']:.1f}% unrouted)"
         rate = "n/a" if row["tokens_per_s"] is None else _pm(row["tokens_per_s"], row["tokens_per_s_std"], 0)
+        per_seed = ", ".join(f"{r['val_loss']:.4f} (seed {r['seed']})"
+                             for r in sorted(row["runs"], key=lambda r: r["seed"]) if r["val_loss"] is not None)
         lines.append(f"| {row['row']} | {len(row['seeds'])} | {_pm(row['val_loss'], row['val_loss_std'], 4)} "
+                     f"| {per_seed or 'n/a'} "
                      f"| {_pm(row['train_loss'], row['train_loss_std'], 4)} | {row['params'] / 1e6:.2f} "
                      f"| {row['active_params'] / 1e6:.2f} | {row['flops_per_token'] / 1e6:.2f} | {rate} | {k} |")
     for name, entry in sorted(summary["problems"].items()):

@@ -68,7 +68,9 @@ def test_sweep_of_two_rows_and_two_seeds_gives_mean_and_std(tmp_path, capsys):
         assert row["params"] > row["active_params"] > 0  # experts: 2 of 8 active
     assert rows["switchhead"]["flops_per_token"] != rows["moe_top2"]["flops_per_token"]
     table = (tmp_path / "summary" / "architectures_gpu.md").read_text()
-    assert f"| moe_top2 | 2 | {rows['moe_top2']['val_loss']:.4f} ± {rows['moe_top2']['val_loss_std']:.4f} |" in table
+    losses = [_final_val_loss(out / f"moe_top2,seed={seed}") for seed in (0, 1)]
+    assert (f"| moe_top2 | 2 | {rows['moe_top2']['val_loss']:.4f} ± {rows['moe_top2']['val_loss_std']:.4f} "
+            f"| {losses[0]:.4f} (seed 0), {losses[1]:.4f} (seed 1) |") in table
     assert (tmp_path / "summary" / "architectures_gpu.png").stat().st_size > 0
 
     # A run the sweep reports as stopped is listed and left out of its row's mean.
