@@ -118,6 +118,12 @@ class StratifiedConfig:
     stratum_norm: bool = True
     """RMSNorm of the input of every pass (one norm per stratum), as the reference's
     --hmoe-layernorm; false feeds later passes the raw residual stream."""
+    second_expert: Literal["top2", "sampling"] = "top2"
+    """How each pass picks its second expert in training: 'top2' (deterministic) or 'sampling',
+    the reference's policy (fairseq's top-2 gate): the argmax of Gumbel-perturbed logits over
+    the visible experts other than the first. Needs moe.router.top_k=2. Evaluation always takes
+    the deterministic top-2. A pass's first expert, which decides the token's next stratum, is
+    never sampled."""
 
     def __post_init__(self) -> None:
         require(len(self.strata) >= 1 and all(n >= 1 for n in self.strata),

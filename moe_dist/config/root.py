@@ -30,6 +30,11 @@ class Config:
         require(self.data.seq_len <= self.model.max_seq_len,
                  f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                  f"({self.model.max_seq_len}); lower seq_len or raise max_seq_len")
+        if self.model.arch == "stratified" and self.model.stratified.second_expert == "sampling":
+            require(self.moe.router.top_k == 2,
+                     f"model.stratified.second_expert=sampling samples the second of two experts, but "
+                     f"moe.router.top_k is {self.moe.router.top_k}; set moe.router.top_k=2 or "
+                     "model.stratified.second_expert=top2")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

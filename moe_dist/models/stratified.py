@@ -12,8 +12,9 @@ state s_t, initially 0. Each pass:
    token at stratum l joins with zero rows), and fixed capacities use the group's largest
    count, so they agree too;
 2. the tokens with ``s_t = l`` are normalised (one RMSNorm per stratum), routed by G_l
-   (softmax over the visible experts, top-k, deterministic -- the reference samples its second
-   expert with Gumbel noise), dispatched to the experts and combined;
+   (softmax over the visible experts, top-k; with ``model.stratified.second_expert=sampling``
+   the second expert is, in training, the Gumbel-perturbed argmax of the others, as in the
+   reference), dispatched to the experts and combined;
 3. their residual grows: ``z_t <- z_t + MoE_l(norm_l(z_t))``;
 4. a token whose top-1 expert lies in stratum j moves to ``s_t = j + 1``: top-1 in the last
    stratum ends its trip, top-1 in the lowest visible stratum earns another pass.
@@ -52,6 +53,16 @@ AgreeFn = Callable[[torch.Tensor], torch.Tensor]
 """Pending tokens per stratum [L] -> the same reduced over the ep group (MAX)."""
 
 
+def gumbel_second_expert(logits_SV: torch.Tensor) -> torch.Tensor:
+    """[S, 2] expert indices: the argmax, then the argmax of the logits plus Gumbel(0, 1) noise
+    over the other experts (the reference's 'sampling' policy: the second expert is drawn from
+    the softmax of the remaining logits)."""
+    first = logits_SV.argmax(-1, keepdim=True)
+    gumbel = -torch.empty_like(logits_SV).exponential_().log()  # -log(Exp(1)) ~ Gumbel(0, 1)
+    second = (logits_SV + gumbel).scatter(-1, first, float("-inf")).argmax(-1, keepdim=True)
+    return torch.cat([first, second], dim=-1)
+
+
 class StratifiedMoELayer(MoELayer):
     """MoE MLP with strata; ``forward(x)`` takes the raw residual stream (it owns its norms)."""
 
@@ -71,6 +82,7 @@ class StratifiedMoELayer(MoELayer):
         self.strata = list(cfg.strata)
         self.offsets = [sum(self.strata[:l]) for l in range(len(self.strata))]
         self.top_k = moe_cfg.router.top_k
+        self.second_expert = cfg.second_expert
         stratum_of_expert = torch.repeat_interleave(  # output_size: also builds on the meta device
             torch.arange(len(self.strata)), torch.tensor(self.strata), output_size=sum(self.strata))
         self.register_buffer("stratum_of_expert", stratum_of_expert, persistent=False)
@@ -151,9 +163,13 @@ class StratifiedMoELayer(MoELayer):
         offset = self.offsets[stratum]
         visible = self.num_experts - offset
         self._visible = visible
-        probs = torch.softmax(F.linear(inp_SD.float(), self.gate_weight(stratum).float()), dim=-1)  # [S, V]
+        logits = F.linear(inp_SD.float(), self.gate_weight(stratum).float())  # [S, V]
+        probs = torch.softmax(logits, dim=-1)
         top_k = min(self.top_k, visible)
-        _, local_idx = torch.topk(probs.detach(), top_k, dim=-1, sorted=True)
+        if self.second_expert == "sampling" and self.training and top_k == 2:
+            local_idx = gumbel_second_expert(logits.detach())
+        else:
+            _, local_idx = torch.topk(probs.detach(), top_k, dim=-1, sorted=True)
         weights = probs.gather(1, local_idx)
         if self.cfg.router.normalize_weights and top_k > 1:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)

@@ -24,6 +24,9 @@ VARIANTS = {
     "top_any_adaptive": ["moe.router.type=top_any", "moe.router.top_k=4", "moe.router.adaptive.enabled=true",
                          "moe.router.adaptive.update_every=2", "moe.router.adaptive.record_steps=0"],
     "xmoe_controller": ["moe.router.type=xmoe", "moe.router.top_k=3", "moe.capacity.policy=controller"],
+    # the second expert is drawn from the RNG: recompute must draw the same (checkpoint's RNG replay)
+    "stratified_sampling": ["model.arch=stratified", "model.stratified.strata=[2,2]",
+                            "model.stratified.second_expert=sampling"],
     "peer": ["model.arch=peer", "model.peer.num_experts=64", "model.peer.heads=2", "model.peer.top_k=4",
              "model.peer.query_dim=8"],
 }

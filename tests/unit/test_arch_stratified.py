@@ -147,3 +147,65 @@ def test_a_model_on_the_meta_device_counts_one_pass_per_token():
     assert meta_model.mean_passes() and all(p == 1.0 for p in meta_model.mean_passes())
     meta = training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len, model=meta_model).total
     assert meta == training_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len, model=cpu_model).total
+
+
+def test_gumbel_second_expert_samples_the_others_by_their_softmax():
+    """The reference's 'sampling' policy: the first expert is the argmax; the second is drawn
+    from softmax over the remaining logits (Gumbel-max trick), never the first."""
+    from moe_dist.models.stratified import gumbel_second_expert
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 0.0, 1.0, math.log(3.0)]).expand(40000, 4)
+    picks = gumbel_second_expert(logits)
+    assert (picks[:, 0] == 0).all() and (picks[:, 1] != 0).all()
+    # P(second = j) = exp(l_j) / (e^0 + e^1 + 3) over j in {1, 2, 3}
+    expected = torch.tensor([1.0, math.e, 3.0]) / (4.0 + math.e)
+    observed = torch.bincount(picks[:, 1], minlength=4)[1:].double() / len(picks)
+    assert torch.allclose(observed, expected.double(), atol=0.01), (observed, expected)
+
+
+def test_sampling_changes_only_the_second_expert_in_training():
+    """second_expert=sampling: the first pass (every token, the same input) picks the same first
+    experts as top2, so the same tokens move on; evaluation is the deterministic top-2. (Later
+    passes see inputs that include the sampled experts' outputs, so their choices may differ.)"""
+    torch.manual_seed(1)
+    x = torch.randn(2, 64, DIM)
+    outputs, states = {}, {}
+    for policy in ("top2", "sampling"):
+        layer = _layer()
+        layer.second_expert = policy
+        seen = []
+        one_pass = layer._pass
+        layer._pass = lambda inp, stratum: seen.append(r := one_pass(inp, stratum)) or r
+        torch.manual_seed(2)
+        layer.train()(x)
+        states[policy] = seen[0][1]  # the first pass's top-1 expert per token
+        layer._pass = one_pass
+        outputs[policy] = layer.eval()(x)[0]
+    assert torch.equal(states["top2"], states["sampling"])
+    assert torch.equal(outputs["top2"], outputs["sampling"])  # eval: deterministic top-2 in both
+
+
+def test_sampling_routes_some_second_choices_away_from_top2():
+    layer = _layer()
+    layer.second_expert = "sampling"
+    torch.manual_seed(3)
+    inp = torch.randn(512, DIM)
+    layer.train()
+    _, local_idx_top2 = torch.topk(torch.softmax(inp @ layer.router.weight.t(), -1), 2)
+    routed = []
+    layer.dispatcher.dispatch = (lambda dispatch: lambda x, idx, valid: routed.append(idx) or
+                                 dispatch(x, idx, valid))(layer.dispatcher.dispatch)
+    layer._pass(inp, 0)
+    (indices,) = routed
+    assert torch.equal(indices[:, 0], local_idx_top2[:, 0])
+    assert (indices[:, 1] != local_idx_top2[:, 1]).any() and (indices[:, 1] != indices[:, 0]).all()
+
+
+def test_sampling_needs_top2():
+    from moe_dist.config import load_config
+
+    with pytest.raises(ConfigError, match=r"second_expert=sampling .* moe.router.top_k is 1; set moe.router.top_k=2"):
+        load_config("configs/stratified.yaml", ["model.stratified.second_expert=sampling", "moe.router.top_k=1"])
+    cfg = load_config("configs/stratified.yaml", ["model.stratified.second_expert=sampling"])
+    assert cfg.model.stratified.second_expert == "sampling"
