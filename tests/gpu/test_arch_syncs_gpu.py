@@ -60,10 +60,12 @@ def test_switchhead_with_unaligned_head_width_trains_without_a_host_sync():
     assert attention.w_v.grad is not None and attention.w_v.grad.abs().sum() > 0
 
 
-def test_stratified_reads_the_host_once_per_pass():
+@pytest.mark.parametrize("second_expert", ["top2", "sampling"])
+def test_stratified_reads_the_host_once_per_pass(second_expert):
     torch.manual_seed(0)
     moe = MoEConfig(num_experts=8, expert_ffn_dim=256, router=RouterConfig(top_k=2, aux_loss_coef=0.01))
-    layer = StratifiedMoELayer(DIM, 1024, moe, StratifiedConfig(strata=[4, 4]), 1e-5).cuda().train()
+    cfg = StratifiedConfig(strata=[4, 4], second_expert=second_expert)
+    layer = StratifiedMoELayer(DIM, 1024, moe, cfg, 1e-5).cuda().train()
     x = torch.randn(BATCH, SEQ, DIM, device="cuda", requires_grad=True)
     for _ in range(2):
         _autocast_step(layer, x)
