@@ -4,6 +4,9 @@ Same inputs, same process, after warm-up. Systems:
 
 * ``moe_dist``: MoELayer with its CUDA fast paths (Triton router/permute/unpermute/SwiGLU,
   torch._grouped_mm experts), dropless.
+* ``moe_dist_triton_fused``: the same layer with ``moe.grouped_gemm=triton_fused``: Triton
+  grouped GEMMs with the SwiGLU in their epilogues instead of grouped_mm + the SwiGLU kernel
+  (autotuned on the first call, which the warm-up absorbs).
 * ``moe_dist_torch``: the same layer on its plain torch path (the reference).
 * ``moe_dist_compiled``: the torch path under ``torch.compile`` (``--compile``).
 * ``megatron_core``: megatron-core's MoELayer with the local spec (SequentialMLP: one GEMM per
@@ -72,12 +75,12 @@ TINY = {
 # Systems: each builder returns forward() -> output tensor [T, h] (or [S, B, h]).
 
 
-def build_moe_dist(shape: Shape, x: torch.Tensor, device, dtype):
+def build_moe_dist(shape: Shape, x: torch.Tensor, device, dtype, grouped_gemm: str = "auto"):
     from moe_dist.config import MoEConfig, RouterConfig
     from moe_dist.moe.layer import MoELayer
 
     cfg = MoEConfig(num_experts=shape.num_experts, expert_ffn_dim=shape.ffn, num_shared_experts=shape.num_shared,
-                    router=RouterConfig(top_k=shape.top_k, aux_loss_coef=0.0, z_loss_coef=0.0))
+                    grouped_gemm=grouped_gemm, router=RouterConfig(top_k=shape.top_k, aux_loss_coef=0.0, z_loss_coef=0.0))
     layer = MoELayer(shape.hidden, shape.ffn, cfg).to(device=device, dtype=dtype)
     x_b = x.view(1, shape.tokens, shape.hidden)
     return layer, lambda: layer(x_b)[0]
@@ -179,7 +182,8 @@ def run_system(system: str, shape: Shape, args, device, dtype) -> dict:
         ctx = reference_kernels_only() if system in ("moe_dist_torch", "moe_dist_compiled") else contextlib.nullcontext()
         with ctx:
             if system.startswith("moe_dist"):
-                layer, forward = build_moe_dist(shape, x, device, dtype)
+                grouped_gemm = "triton_fused" if system == "moe_dist_triton_fused" else "auto"
+                layer, forward = build_moe_dist(shape, x, device, dtype, grouped_gemm)
             elif system == "megatron_core":
                 layer, forward = build_megatron(shape, x, device, dtype)
             elif system.startswith("deepspeed"):
@@ -207,12 +211,16 @@ def run_system(system: str, shape: Shape, args, device, dtype) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     tflops = shape.flops() / (timing.total_ms * 1e-3) / 1e12
+    if system == "moe_dist_triton_fused":
+        from moe_dist.moe.kernels import grouped_swiglu
+
+        base["kernel_configs"] = grouped_swiglu.tuned_configs()
     return {**base, "status": "ok", "fwd_ms": round(timing.fwd_ms, 3), "bwd_ms": round(timing.bwd_ms, 3),
             "total_ms": round(timing.total_ms, 3), "tflops": round(tflops, 1),
             "peak_mem_gib": round(timing.peak_mem_gib, 2)}
 
 
-SYSTEMS = ["dense_gemm", "dense_gemm_no_dx", "moe_dist", "moe_dist_torch", "megatron_core", "deepspeed", "deepspeed_dropless"]
+SYSTEMS = ["dense_gemm", "dense_gemm_no_dx", "moe_dist", "moe_dist_triton_fused", "moe_dist_torch", "megatron_core", "deepspeed", "deepspeed_dropless"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

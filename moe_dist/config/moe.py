@@ -169,8 +169,11 @@ class MoEConfig:
     """Hidden size of one expert's SwiGLU. 0 means model.ffn_dim."""
     num_shared_experts: int = 0
     """Always-active shared experts (DeepSeek style), evaluated as one dense SwiGLU."""
-    grouped_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"
-    """Expert GEMM backend. 'auto' uses torch._grouped_mm when shapes allow, else the loop."""
+    grouped_gemm: Literal["auto", "grouped_mm", "loop", "triton_fused"] = "auto"
+    """Expert GEMM backend. 'auto' uses torch._grouped_mm when shapes allow, else the loop.
+    'triton_fused' (CUDA only) computes SwiGLU experts with Triton grouped GEMMs that hold the
+    activation in their epilogues (forward, and the backward's input gradient of the second
+    GEMM); other experts, dtypes or widths behave as 'auto'."""
     dispatch_chunks: int = 1
     """Expert parallelism: split each MoE layer's all-to-all dispatch into this many chunks, so
     that the exchange of chunk i+1 and the return of chunk i-1 overlap the experts of chunk i

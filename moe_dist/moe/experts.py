@@ -4,7 +4,9 @@ Input rows arrive sorted by expert with ``tokens_per_expert`` rows each (trailin
 the sum are padding and come back as zeros). The fast path is ``torch._grouped_mm`` with
 device-side offsets (no host sync); widths it cannot take (rows not 16-byte aligned, e.g.
 SwitchHead's d_h=52) are zero-padded to the next aligned width, which costs a copy but no sync.
-The exact fallback loops over experts.
+The exact fallback loops over experts. ``backend='triton_fused'`` runs SwiGLU experts through
+:mod:`moe_dist.moe.kernels.grouped_swiglu` (the activation inside the GEMM epilogues) on CUDA
+and behaves as 'auto' everywhere else.
 
 Weights: ``w13[E, D, 2F]`` (gate and up projections fused) and ``w2[E, F, D]``. With
 ``activation='relu'`` (the sigma-MoE's two-layer experts, ``ReLU(x W1) W2``) ``w13`` holds only
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_dist.moe.kernels import expert_ops
+from moe_dist.moe.kernels import expert_ops, grouped_swiglu
 from moe_dist.moe.kernels.permute import triton_available
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -121,7 +123,7 @@ def _pad_to_alignment(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> tuple[torch.Te
 def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for rows sorted by expert."""
-    if backend == "auto":
+    if backend in ("auto", "triton_fused"):  # triton_fused: only SwiGLU experts, see GroupedExperts
         if grouped_mm_supported(x_ND, w_EDF):
             backend = "grouped_mm"
         elif grouped_mm_dtype_supported(x_ND):
@@ -190,6 +192,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         x_ND = to_autocast_dtype(x_ND)
+        if self.backend == "triton_fused" and self._fused_swiglu_applies(x_ND):
+            offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+            return grouped_swiglu.fused_swiglu_experts(x_ND, self.w13.to(x_ND.dtype), self.w2.to(x_ND.dtype), offsets)
         h = grouped_matmul(x_ND, self.w13, tokens_per_expert, self.backend)
         if self.activation == "relu":
             act = F.relu(h)
@@ -199,6 +204,12 @@ class GroupedExperts(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
         return grouped_matmul(act, self.w2, tokens_per_expert, self.backend)
+
+    def _fused_swiglu_applies(self, x_ND: torch.Tensor) -> bool:
+        # The fused kernels cover SwiGLU with the Triton path up; the other GEMMs of its
+        # backward are grouped_mm's, hence its dtype and alignment rules.
+        return (self.activation == "swiglu" and self.num_experts > 0 and _use_fast_kernels(x_ND)
+                and grouped_mm_supported(x_ND, self.w13, self.w2))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, "

@@ -39,13 +39,15 @@ def no_deepspeed_shm_build():
 
 
 def test_moe_layer_tiny(capsys, no_deepspeed_shm_build):
-    results = moe_layer.main(["--tiny", "--systems", "dense_gemm", "moe_dist", "moe_dist_torch", "deepspeed",
+    results = moe_layer.main(["--tiny", "--systems", "dense_gemm", "moe_dist", "moe_dist_triton_fused",
+                              "moe_dist_torch", "deepspeed",
                               "--iters", "1", "--warmup", "1"])
     assert _lines(capsys) == results
     ok = [r for r in results if r["status"] == "ok"]
     assert {(r["shape"], r["system"]) for r in ok} >= {
         ("mixtral_tiny", "moe_dist"), ("fine_grained_tiny", "moe_dist"), ("fine_grained_tiny", "dense_gemm"),
-        ("qwen3_tiny", "moe_dist"), ("qwen3_tiny", "moe_dist_torch"), ("qwen3_tiny", "dense_gemm")}
+        ("qwen3_tiny", "moe_dist"), ("qwen3_tiny", "moe_dist_torch"), ("qwen3_tiny", "dense_gemm"),
+        ("qwen3_tiny", "moe_dist_triton_fused")}
     shapes = {shape.name: shape for shape in moe_layer.TINY.values()}
     for r in ok:
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
@@ -125,7 +127,8 @@ def test_dispatch_bw_two_ranks_gloo():
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["system"] for r in records] == ["moe_dist", "bare_all_to_all"]
     assert all(r["world"] == 2 and r["ms"] > 0 for r in records)
-    assert records[0]["fraction_of_bare"] == pytest.approx(records[1]["ms"] / records[0]["ms"], rel=0.01)
+    # The fraction is rounded to 3 decimals: at tiny sizes it is small, so compare absolutely.
+    assert records[0]["fraction_of_bare"] == pytest.approx(records[1]["ms"] / records[0]["ms"], abs=6e-4)
 
 
 def test_logging_cost_tiny(capsys, tmp_path):

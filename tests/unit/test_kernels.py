@@ -155,3 +155,57 @@ def test_grouped_experts_fast_path_matches_loop(monkeypatch):
     torch.testing.assert_close(x_fast.grad[:7], x_loop.grad[:7], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.w13.grad, loop.w13.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.w2.grad, loop.w2.grad, rtol=1e-4, atol=1e-5)
+
+
+def _fused_and_loop_experts(num_experts: int, dim: int, ffn: int, activation: str = "swiglu"):
+    torch.manual_seed(8)
+    fused = experts.GroupedExperts(num_experts, dim, ffn, backend="triton_fused", activation=activation)
+    loop = experts.GroupedExperts(num_experts, dim, ffn, backend="loop", activation=activation)
+    loop.load_state_dict(fused.state_dict())
+    return fused, loop
+
+
+@pytest.mark.parametrize("counts", [[19, 0, 5, 3], [0, 0, 0, 0], [40, 0, 0, 0]])
+def test_triton_fused_experts_match_loop(monkeypatch, counts):
+    """The SwiGLU-epilogue grouped GEMMs: a group spanning several row blocks, an empty group,
+    odd widths (masked K and N tails) and NaN padding rows, against the per-expert loop."""
+    if not experts._HAS_GROUPED_MM:
+        pytest.skip("torch._grouped_mm missing")
+    gen = torch.Generator().manual_seed(9)
+    fused, loop = _fused_and_loop_experts(4, 40, 36)
+    counts = torch.tensor(counts)
+    real = int(counts.sum())
+    x = torch.randn(real + 5, 40, generator=gen)
+    x[real:] = float("nan")
+    monkeypatch.setattr(experts, "_use_fast_kernels", lambda t: True)
+    calls = []
+    monkeypatch.setattr(experts.grouped_swiglu, "fused_swiglu_experts",
+                        lambda *a, _f=experts.grouped_swiglu.fused_swiglu_experts: calls.append(1) or _f(*a))
+    x_fused, x_loop = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_fused, out_loop = fused(x_fused, counts), loop(x_loop, counts)
+    g = torch.randn(real + 5, 40, generator=gen)
+    out_fused.backward(g)
+    out_loop.backward(g)
+    assert calls == [1]
+    assert torch.equal(out_fused[real:], torch.zeros(5, 40))
+    assert torch.equal(x_fused.grad[real:], torch.zeros(5, 40))
+    torch.testing.assert_close(out_fused[:real], out_loop[:real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_fused.grad[:real], x_loop.grad[:real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.w13.grad, loop.w13.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.w2.grad, loop.w2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_fused_backend_leaves_relu_experts_and_the_cpu_path_to_grouped_mm(monkeypatch):
+    if not experts._HAS_GROUPED_MM:
+        pytest.skip("torch._grouped_mm missing")
+    calls = []
+    monkeypatch.setattr(experts.grouped_swiglu, "fused_swiglu_experts", lambda *a: calls.append(1))
+    counts = torch.tensor([3, 2])
+    x = torch.randn(5, 16)
+    relu_fused, relu_loop = _fused_and_loop_experts(2, 16, 8, activation="relu")
+    monkeypatch.setattr(experts, "_use_fast_kernels", lambda t: True)
+    torch.testing.assert_close(relu_fused(x, counts), relu_loop(x, counts))
+    monkeypatch.setattr(experts, "_use_fast_kernels", lambda t: False)  # CPU without Triton: 'auto'
+    swiglu_fused, swiglu_loop = _fused_and_loop_experts(2, 16, 8)
+    torch.testing.assert_close(swiglu_fused(x, counts), swiglu_loop(x, counts))
+    assert calls == []

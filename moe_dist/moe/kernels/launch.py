@@ -23,7 +23,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 
-def _is_interpreted(kernel: Any) -> bool:
+def is_interpreted(kernel: Any) -> bool:
+    """Whether ``kernel`` is a ``@triton.jit`` function built under ``TRITON_INTERPRET=1``."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
@@ -36,7 +37,7 @@ def launcher(kernel: Any, probe: torch.Tensor) -> Callable | None:
 
     ``probe`` is any tensor argument of the launch; it tells real tensors from traced ones.
     """
-    if not _is_interpreted(kernel):
+    if not is_interpreted(kernel):
         return torch.library.wrap_triton(kernel)
     if isinstance(probe, FunctionalTensor):
         raise RuntimeError(
