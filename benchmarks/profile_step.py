@@ -27,11 +27,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import emit, gpu_name, log, pick_device, sync, time_call
-from benchmarks.train_step import COMPILE_MODES, FULL, TINY, build_setup, compile_mode_label
+from benchmarks.train_step import COMPILE_MODES, FULL, TINY, add_grouped_gemm_arg, build_setup, compile_mode_label
 
 IDLE = "idle/host"
 # First match wins, so the specific names come before the generic ones (a grouped CUTLASS GEMM
-# before "cutlass", the embedding's backward before "scatter").
+# before "cutlass", the embedding's backward before "scatter", moe_dist's grouped GEMMs with the
+# SwiGLU epilogue, grouped_*swiglu*, before "swiglu").
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("cross-entropy", ("ce_forward_kernel", "ce_backward_kernel", "cross_entropy", "nll_loss", "log_softmax")),
     ("optimizer", ("adam", "multi_tensor_apply", "foreach", "optimizer", "lpnorm", "clip_grad")),
@@ -112,7 +113,7 @@ def host_breakdown(prof, steps: int, wall_ms: float) -> tuple[dict[str, float], 
 def profile_model(kind: str, size: dict, args, device: torch.device) -> dict:
     """Categories (ms per step), top kernels and the unprofiled step time of one model."""
     mode = None if args.compile_mode == "eager" else args.compile_mode
-    setup = build_setup(kind, size, device, args.optimizer, mode)
+    setup = build_setup(kind, size, device, args.optimizer, mode, grouped_gemm=args.grouped_gemm)
     step_ms = time_call(setup.step, device, warmup=args.warmup, iters=args.iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES + ["eager"])
     parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"])
+    add_grouped_gemm_arg(parser)
     parser.add_argument("--steps", type=int, default=None, help="profiled steps per model")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None, help="unprofiled timed steps")

@@ -7,7 +7,8 @@ row (in input order) of the same run that it is compared with:
   (1.0 on that row itself; the issue-19 targets: >= 95% Mixtral, >= 85% fine-grained, >= 65%
   Qwen3-like);
 * ``train_step`` ``vs_dense``: the row's tokens/s over the dense model's row of the same system
-  (the same compile mode and kernel path).
+  (the same compile mode and kernel path; ``--grouped-gemm triton_fused`` changes only the MoE
+  model, so its ``_triton_fused`` rows compare with the dense row without that tag).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def add_derived(bench: str, rows: list[dict]) -> None:
                              and r.get("system") == "dense_gemm" and r.get("status") == "ok")
             row["vs_dense"] = _ratio(row.get("tflops"), dense and dense.get("tflops"))
         elif bench == "train_step" and row.get("model") != "dense":
-            dense = _nearest(rows, index, lambda r: r.get("model") == "dense" and r.get("system") == row.get("system")
+            system = row.get("system", "").replace("_triton_fused", "")
+            dense = _nearest(rows, index, lambda r: r.get("model") == "dense" and r.get("system") == system
                              and r.get("status") == "ok")
             row["vs_dense"] = _ratio(row.get("tokens_per_s"), dense and dense.get("tokens_per_s"))
 

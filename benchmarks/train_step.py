@@ -41,14 +41,14 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 TINY = dict(dim=64, n_layers=2, n_heads=4, expert_ffn=32, experts=4, top_k=2, vocab=256, seq_len=32, batch=2)
 
 
-def build(kind: str, size: dict) -> tuple[ModelConfig, MoEConfig]:
+def build(kind: str, size: dict, grouped_gemm: str = "auto") -> tuple[ModelConfig, MoEConfig]:
     dense_ffn = size["expert_ffn"] * size["top_k"]
     model_cfg = ModelConfig(dim=size["dim"], n_layers=size["n_layers"], n_heads=size["n_heads"],
                             ffn_dim=dense_ffn, vocab_size=size["vocab"], max_seq_len=size["seq_len"])
     if kind == "dense":
         return model_cfg, MoEConfig(num_experts=0, every=0)
     return model_cfg, MoEConfig(num_experts=size["experts"], expert_ffn_dim=size["expert_ffn"],
-                                router=RouterConfig(top_k=size["top_k"], aux_loss_coef=0.01),
+                                grouped_gemm=grouped_gemm, router=RouterConfig(top_k=size["top_k"], aux_loss_coef=0.01),
                                 capacity=CapacityConfig(policy="dropless"))
 
 
@@ -97,13 +97,15 @@ def compile_mode_label(mode: str | None) -> str:
 
 def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "fused",
                 compile_mode: str | None = None,
-                clip_grad: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> TrainSetup:
+                clip_grad: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                grouped_gemm: str = "auto") -> TrainSetup:
     """The benchmarked model, optimizer and step. ``compile_mode`` None runs eagerly, else the
     model goes through ``torch.compile(mode=...)`` ('default', 'reduce-overhead': CUDA graphs of
     the compiled forward and backward, 'max-autotune-no-cudagraphs'). ``clip_grad(model)``, if
-    given, runs between backward and the optimizer step and its result is the step's grad norm."""
+    given, runs between backward and the optimizer step and its result is the step's grad norm.
+    ``grouped_gemm`` is the MoE model's ``moe.grouped_gemm``."""
     torch.manual_seed(0)
-    model_cfg, moe_cfg = build(kind, size)
+    model_cfg, moe_cfg = build(kind, size, grouped_gemm)
     model = Transformer(model_cfg, moe_cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
     flops = training_flops_per_token(model_cfg, moe_cfg, size["seq_len"])
@@ -153,12 +155,13 @@ def cudagraph_skips() -> int:
 
 
 def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | None) -> dict:
-    base = {"bench": "train_step", "model": kind, "system": "moe_dist" + compile_mode_label(args.compile_mode),
+    fused = "_triton_fused" if kind == "moe" and args.grouped_gemm == "triton_fused" else ""
+    base = {"bench": "train_step", "model": kind, "system": "moe_dist" + fused + compile_mode_label(args.compile_mode),
             "compile_mode": args.compile_mode or "eager", "optimizer": args.optimizer,
             "seq_len": size["seq_len"], "batch": size["batch"], "device": gpu_name(device)}
     try:
         skips_before = cudagraph_skips()
-        setup = build_setup(kind, size, device, args.optimizer, args.compile_mode)
+        setup = build_setup(kind, size, device, args.optimizer, args.compile_mode, grouped_gemm=args.grouped_gemm)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step_ms = time_call(setup.step, device, warmup=args.warmup, iters=args.iters)
@@ -185,6 +188,11 @@ def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | 
     return record
 
 
+def add_grouped_gemm_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grouped-gemm", default="auto", choices=["auto", "triton_fused"],
+                        help="the MoE model's moe.grouped_gemm (triton_fused: SwiGLU in the GEMM epilogues)")
+
+
 def add_compile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (mode 'default')")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
@@ -205,6 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"],
                         help="fused AdamW, or the trainer's per-tensor loop (foreach=False)")
     add_compile_args(parser)
+    add_grouped_gemm_arg(parser)
     parser.add_argument("--reference", action="store_true", help="moe_dist's plain torch path")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)

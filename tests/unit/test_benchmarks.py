@@ -93,10 +93,11 @@ def test_dispatch_tiny(capsys):
 
 
 def test_train_step_tiny(capsys):
-    results = train_step.main(["--tiny", "--iters", "1", "--warmup", "1"])
+    results = train_step.main(["--tiny", "--iters", "1", "--warmup", "1", "--grouped-gemm", "triton_fused"])
     assert _lines(capsys) == results
     moe, dense = results
     assert moe["status"] == dense["status"] == "ok"
+    assert (moe["system"], dense["system"]) == ("moe_dist_triton_fused", "moe_dist")  # the flag is the MoE's
     assert moe["params_m"] > dense["params_m"]
     assert moe["active_params_m"] == pytest.approx(dense["active_params_m"], rel=0.05)
     assert moe["tokens_per_s"] == pytest.approx(2 * 32 / (moe["step_ms"] * 1e-3), rel=0.01)
@@ -176,6 +177,8 @@ def test_logging_cost_tiny(capsys, tmp_path):
     ("triton_poi_fused__unsafe_view_clone_permute_4", "elementwise/norm"),  # a transpose, not routing
     ("triton_poi_fused_embedding_dense_backward_2", "elementwise/norm"),
     ("swiglu_bwd_kernel", "SwiGLU"),
+    ("grouped_gate_up_swiglu_kernel", "grouped GEMM"),  # moe_dist's GEMMs with the SwiGLU epilogue
+    ("grouped_swiglu_input_grad_kernel", "grouped GEMM"),
     ("ce_backward_kernel", "cross-entropy"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
      "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>", "optimizer"),
@@ -253,6 +256,8 @@ def test_summarize_groups_new_benchmarks_and_ratios():
         {"bench": "train_step", "model": "moe", "system": "moe_dist_compiled", "status": "ok", "tokens_per_s": 180},
         {"bench": "train_step", "model": "dense", "system": "moe_dist_compiled", "status": "ok", "tokens_per_s": 200},
         {"bench": "train_step", "model": "moe", "system": "moe_dist", "status": "ok", "tokens_per_s": 100},
+        {"bench": "train_step", "model": "moe", "system": "moe_dist_triton_fused_compiled", "status": "ok",
+         "tokens_per_s": 170},
         {"bench": "logging_cost", "mode": "cost", "status": "ok", "relative_cost_pct": 0.42},
         {"bench": "profile_step", "category": "grouped GEMM", "moe_ms": 20.0, "dense_ms": 0.0, "gap_ms": 20.0},
     ]
@@ -267,7 +272,8 @@ def test_summarize_groups_new_benchmarks_and_ratios():
         return [[c.strip() for c in row.strip("|").split("|")][at] for row in rows]
 
     assert column("moe_layer", "vs_dense") == ["1.0", "0.7", "1.0", "0.9", ""]
-    assert column("train_step", "vs_dense") == ["0.9", "", ""]  # eager moe has no eager dense row
+    # eager moe has no eager dense row; the triton_fused MoE compares with the plain dense row
+    assert column("train_step", "vs_dense") == ["0.9", "", "", "0.85"]
     assert column("logging_cost", "relative_cost_pct") == ["0.42"]
     assert column("profile_step", "gap_ms") == ["20.0"]
 

@@ -165,17 +165,18 @@ def _fused_and_loop_experts(num_experts: int, dim: int, ffn: int, activation: st
     return fused, loop
 
 
-@pytest.mark.parametrize("counts", [[19, 0, 5, 3], [0, 0, 0, 0], [40, 0, 0, 0]])
-def test_triton_fused_experts_match_loop(monkeypatch, counts):
+@pytest.mark.parametrize("counts,dim", [([19, 0, 5, 3], 40), ([19, 0, 5, 3], 32), ([0, 0, 0, 0], 40),
+                                        ([40, 0, 0, 0], 32)])
+def test_triton_fused_experts_match_loop(monkeypatch, counts, dim):
     """The SwiGLU-epilogue grouped GEMMs: a group spanning several row blocks, an empty group,
     odd widths (masked K and N tails) and NaN padding rows, against the per-expert loop."""
     if not experts._HAS_GROUPED_MM:
         pytest.skip("torch._grouped_mm missing")
     gen = torch.Generator().manual_seed(9)
-    fused, loop = _fused_and_loop_experts(4, 40, 36)
+    fused, loop = _fused_and_loop_experts(4, dim, 36)  # dim 32: no K tail (BLOCK_K 16 divides it)
     counts = torch.tensor(counts)
     real = int(counts.sum())
-    x = torch.randn(real + 5, 40, generator=gen)
+    x = torch.randn(real + 5, dim, generator=gen)
     x[real:] = float("nan")
     monkeypatch.setattr(experts, "_use_fast_kernels", lambda t: True)
     calls = []
@@ -183,12 +184,12 @@ def test_triton_fused_experts_match_loop(monkeypatch, counts):
                         lambda *a, _f=experts.grouped_swiglu.fused_swiglu_experts: calls.append(1) or _f(*a))
     x_fused, x_loop = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out_fused, out_loop = fused(x_fused, counts), loop(x_loop, counts)
-    g = torch.randn(real + 5, 40, generator=gen)
+    g = torch.randn(real + 5, dim, generator=gen)
     out_fused.backward(g)
     out_loop.backward(g)
     assert calls == [1]
-    assert torch.equal(out_fused[real:], torch.zeros(5, 40))
-    assert torch.equal(x_fused.grad[real:], torch.zeros(5, 40))
+    assert torch.equal(out_fused[real:], torch.zeros(5, dim))
+    assert torch.equal(x_fused.grad[real:], torch.zeros(5, dim))
     torch.testing.assert_close(out_fused[:real], out_loop[:real], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x_fused.grad[:real], x_loop.grad[:real], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused.w13.grad, loop.w13.grad, rtol=1e-4, atol=1e-5)

@@ -60,8 +60,8 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 def _kernels():
     from moe_dist.moe.kernels import grouped_swiglu_triton as source
 
-    if is_interpreted(source.gate_up_swiglu_kernel):
-        return source.gate_up_swiglu_kernel, source.swiglu_input_grad_kernel
+    if is_interpreted(source.grouped_gate_up_swiglu_kernel):
+        return source.grouped_gate_up_swiglu_kernel, source.grouped_swiglu_input_grad_kernel
     import triton
 
     def autotuned(kernel, configs):
@@ -70,8 +70,8 @@ def _kernels():
              for m, n, k, g, w, s in configs],
             key=["dim", "ffn"])(kernel)
 
-    return (autotuned(source.gate_up_swiglu_kernel, _GATE_UP_CONFIGS),
-            autotuned(source.swiglu_input_grad_kernel, _INPUT_GRAD_CONFIGS))
+    return (autotuned(source.grouped_gate_up_swiglu_kernel, _GATE_UP_CONFIGS),
+            autotuned(source.grouped_swiglu_input_grad_kernel, _INPUT_GRAD_CONFIGS))
 
 
 def tuned_configs() -> dict[str, str]:

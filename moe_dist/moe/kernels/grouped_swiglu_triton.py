@@ -1,5 +1,8 @@
 """The Triton kernels of :mod:`moe_dist.moe.kernels.grouped_swiglu` (see there).
 
+``dim`` and ``ffn`` are compile-time constants: a model has few of them, and the K loop then
+drops its tail mask where ``BLOCK_K`` divides ``dim``.
+
 A module of its own because a ``@triton.jit`` function calls another only through its module
 globals, and this import needs Triton: it is imported on the first launch, so CPU installs
 without Triton and ``TRITON_INTERPRET`` set by a test before that launch both work.
@@ -36,9 +39,10 @@ def block_of_program(offsets_ptr, num_groups, num_rows, ffn,
     row_end = tl.sum(tl.where(mine, ends, 0), 0)
     return group, row_begin, row_end, pid_n * BLOCK_N
 
+
 @triton.jit
-def gate_up_swiglu_kernel(x_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, num_groups, num_rows, dim, ffn,
-                          stride_we, stride_wk, stride_wn,
+def grouped_gate_up_swiglu_kernel(x_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, num_groups, num_rows,
+                          dim: tl.constexpr, ffn: tl.constexpr, stride_we, stride_wk, stride_wn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, GROUPS_P2: tl.constexpr):
     group, row_begin, row_end, col_begin = block_of_program(
@@ -57,7 +61,7 @@ def gate_up_swiglu_kernel(x_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, num_groups,
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(dim, BLOCK_K)):
-        k_ok = ks < dim - k * BLOCK_K
+        k_ok = (ks < dim - k * BLOCK_K) | (dim % BLOCK_K == 0)  # folds to no K mask when K divides
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b_gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         b_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -73,9 +77,10 @@ def gate_up_swiglu_kernel(x_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, num_groups,
     tl.store(h_ptrs + ffn, acc_up.to(h_ptr.dtype.element_ty), mask=out_ok)
     tl.store(act_ptr + rows[:, None] * ffn + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_ok)
 
+
 @triton.jit
-def swiglu_input_grad_kernel(g_ptr, w_ptr, h_ptr, dh_ptr, offsets_ptr, num_groups, num_rows, dim, ffn,
-                             stride_we, stride_wn, stride_wk,
+def grouped_swiglu_input_grad_kernel(g_ptr, w_ptr, h_ptr, dh_ptr, offsets_ptr, num_groups, num_rows,
+                             dim: tl.constexpr, ffn: tl.constexpr, stride_we, stride_wn, stride_wk,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, GROUPS_P2: tl.constexpr):
     # d_act[r, n] = sum_k g[r, k] * w2[e, n, k]; w2[e] is [ffn, dim], read transposed.
@@ -93,7 +98,7 @@ def swiglu_input_grad_kernel(g_ptr, w_ptr, h_ptr, dh_ptr, offsets_ptr, num_group
     w_ptrs = w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(dim, BLOCK_K)):
-        k_ok = ks < dim - k * BLOCK_K
+        k_ok = (ks < dim - k * BLOCK_K) | (dim % BLOCK_K == 0)  # folds to no K mask when K divides
         a = tl.load(g_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
