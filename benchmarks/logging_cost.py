@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DeviceClock, count_host_syncs, emit, gpu_name, log, pick_device, sync
-from benchmarks.train_step import (FULL, TINY, TrainSetup, add_compile_args, build_setup, compile_mode_label,
-                                   resolve_compile_mode)
+from benchmarks.train_step import (FULL, TINY, TrainSetup, add_compile_args, add_optimizer_arg, build_setup,
+                                   compile_mode_label, resolve_compile_mode)
 from moe_dist.config import Config, LogConfig
 from moe_dist.distributed.launch_env import LaunchEnv
 from moe_dist.distributed.mesh import ParallelMesh
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model (tests)")
     parser.add_argument("--model", default="moe", choices=["moe", "dense"])
-    parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"])
+    add_optimizer_arg(parser)
     add_compile_args(parser)
     parser.add_argument("--warmup", type=int, default=None, help="steps per mode before timing")
     parser.add_argument("--rounds", type=int, default=None, help="timed blocks per mode")

@@ -27,7 +27,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import emit, gpu_name, log, pick_device, sync, time_call
-from benchmarks.train_step import COMPILE_MODES, FULL, TINY, add_grouped_gemm_arg, build_setup, compile_mode_label
+from benchmarks.train_step import (COMPILE_MODES, FULL, TINY, add_grouped_gemm_arg, add_optimizer_arg, build_setup,
+                                   compile_mode_label)
 
 IDLE = "idle/host"
 # First match wins, so the specific names come before the generic ones (a grouped CUTLASS GEMM
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="CPU-sized models (tests)")
     parser.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES + ["eager"])
-    parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"])
+    add_optimizer_arg(parser)
     add_grouped_gemm_arg(parser)
     parser.add_argument("--steps", type=int, default=None, help="profiled steps per model")
     parser.add_argument("--warmup", type=int, default=None)

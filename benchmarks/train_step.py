@@ -34,6 +34,7 @@ from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
 from moe_dist.metrics.flops import peak_tflops, training_flops_per_token
 from moe_dist.models.transformer import Transformer
 from moe_dist.models.cross_entropy import token_cross_entropy
+from moe_dist.train.optim import adamw_implementation, fused_by_default
 
 FULL = dict(dim=1024, n_layers=12, n_heads=16, expert_ffn=2816, experts=8, top_k=2, vocab=32768,
             seq_len=2048, batch=8)
@@ -95,7 +96,7 @@ def compile_mode_label(mode: str | None) -> str:
     return "_compiled" if mode == "default" else f"_compiled_{mode}"
 
 
-def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "fused",
+def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "auto",
                 compile_mode: str | None = None,
                 clip_grad: Callable[[torch.nn.Module], torch.Tensor] | None = None,
                 grouped_gemm: str = "auto") -> TrainSetup:
@@ -112,9 +113,9 @@ def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "f
     active = params - (0 if kind == "dense" else
                        model_cfg.n_layers * 3 * model_cfg.dim * moe_cfg.expert_ffn_dim
                        * (moe_cfg.num_experts - moe_cfg.router.top_k))
-    fused = device.type == "cuda" and optimizer == "fused"
+    # train.optimizer_impl, resolved as the native engine does ('auto': fused on CUDA)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                              **({"fused": True} if fused else {"foreach": False}))
+                              **adamw_implementation(optimizer, fused_by_default(device, fsdp=False)))
     if compile_mode is None:
         forward = model
     else:
@@ -188,6 +189,11 @@ def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | 
     return record
 
 
+def add_optimizer_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for_loop"],
+                        help="train.optimizer_impl of the AdamW ('auto': fused on CUDA, the loop on CPU)")
+
+
 def add_grouped_gemm_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grouped-gemm", default="auto", choices=["auto", "triton_fused"],
                         help="the MoE model's moe.grouped_gemm (triton_fused: SwiGLU in the GEMM epilogues)")
@@ -210,8 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
-    parser.add_argument("--optimizer", default="fused", choices=["fused", "trainer"],
-                        help="fused AdamW, or the trainer's per-tensor loop (foreach=False)")
+    add_optimizer_arg(parser)
     add_compile_args(parser)
     add_grouped_gemm_arg(parser)
     parser.add_argument("--reference", action="store_true", help="moe_dist's plain torch path")

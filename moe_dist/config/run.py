@@ -117,6 +117,13 @@ class TrainConfig:
     """AdamW first-moment decay."""
     beta2: float = 0.95
     """AdamW second-moment decay."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """torch AdamW implementation: 'fused' (one kernel per dtype and device: torchtitan's
+    default), 'foreach' (multi-tensor ops), 'for_loop' (one tensor at a time). 'auto' is 'fused'
+    when the native engine trains on CUDA without parallel.fsdp, else 'for_loop' (CPU, FSDP2).
+    Each is elementwise, so sharded and unsharded runs of one implementation take the same step;
+    different ones differ in the last bits. Refused with train.offload_optimizer (its host AdamW
+    picks its own kernel) and with train.engine=deepspeed (the loop only)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value. 0 disables clipping."""
     seed: int = 0

@@ -134,6 +134,10 @@ def _validate_native_offload(cfg: Config, world_size: int) -> None:
             "runs in one process only (its gradient buffer bypasses the distributed gradient reduction); use "
             "one process, or train.engine=deepspeed with zero.stage=2 and zero.offload_optimizer=true for "
             "several ranks")
+    require(cfg.train.optimizer_impl == "auto",
+            f"train.optimizer_impl ({cfg.train.optimizer_impl!r}) with train.offload_optimizer=true: the "
+            "offloaded AdamW runs on the host and picks its own kernel (fused on CPU where torch has it); "
+            "leave train.optimizer_impl=auto")
     require(not cfg.moe.router.adaptive.enabled,
             "train.offload_optimizer=true with moe.router.adaptive.enabled: DynMoE writes new gate rows into "
             "the device copy of the weights between steps, which the host master weights would overwrite; "
@@ -155,6 +159,10 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
             f"train.engine=deepspeed with model.arch={cfg.model.arch} is not supported: the architecture is "
             "tested with the native engine only (HMoE places whole experts of different widths per ep rank, "
             "which DeepSpeed's expert groups and checkpoints do not describe); use train.engine=native")
+    require(cfg.train.optimizer_impl in ("auto", "for_loop"),
+            f"train.optimizer_impl ({cfg.train.optimizer_impl!r}) with train.engine=deepspeed: the client "
+            "AdamW over ZeRO's flat partitions is tested as the per-tensor loop only; use "
+            "train.optimizer_impl=auto (or for_loop), or train.engine=native for the fused kernel")
     if cfg.moe.enabled and stage == 3:
         raise ConfigError(
             "zero.stage (3) with an MoE model: ZeRO-3 partitions every parameter over the whole data-"

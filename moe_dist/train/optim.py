@@ -23,10 +23,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # foreach=False keeps the update bit-identical between a sharded and an unsharded model.
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+
+
+def adamw_implementation(impl: str, fused_by_default: bool) -> dict:
+    """``torch.optim.AdamW`` keyword arguments for ``train.optimizer_impl``; 'auto' is 'fused'
+    where ``fused_by_default`` (the caller knows the device and the sharding), else 'for_loop'."""
+    if impl == "auto":
+        impl = "fused" if fused_by_default else "for_loop"
+    return dict(_IMPLEMENTATIONS[impl])
+
+
+def fused_by_default(device: torch.device, fsdp: bool) -> bool:
+    """The native engine's 'auto': fused AdamW on CUDA; FSDP2 keeps the loop (fused over its
+    DTensor shards is tested on gloo only, so it is opt-in)."""
+    return device.type == "cuda" and not fsdp
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused_by_default: bool = False) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`, implemented as ``cfg.optimizer_impl`` says."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=1e-8, **adamw_implementation(cfg.optimizer_impl, fused_by_default))
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:

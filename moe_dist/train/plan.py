@@ -101,7 +101,8 @@ class LocalPlan(_PlanBase):
         pass
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=False)
+        # foreach=None: torch's multi-tensor norm on CUDA; on CPU the same per-tensor loop as before
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=None)
 
     def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

@@ -46,6 +46,8 @@ class Case:
     """moe.dispatch_chunks: the all-to-all in overlapped chunks (the reference, one process, has none)."""
     shared_experts: int = 0
     """moe.num_shared_experts."""
+    optimizer_impl: str = "for_loop"
+    """train.optimizer_impl of both sides (the elementwise implementations must agree across layouts)."""
 
 
 @dataclass
@@ -101,12 +103,19 @@ def _snapshot(model: Transformer) -> dict[str, torch.Tensor]:
     return {n: _full(p.grad.detach()).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _adamw(model: Transformer, case: Case) -> torch.optim.Optimizer:
+    from moe_dist.train.optim import adamw_implementation
+
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1,
+                             **adamw_implementation(case.optimizer_impl, fused_by_default=False))
+
+
 def run_reference(case: Case) -> RunRecord:
     from moe_dist.train.plan import LocalPlan
 
     model = build_model(case)
     plan = LocalPlan(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    opt = _adamw(model, case)
     batches = global_batches(case)
     record = RunRecord()
     n_micro = case.dp * case.accum
@@ -157,7 +166,7 @@ def run_rank(rank: int, world_size: int, case: Case) -> RunRecord:
     mesh = build_mesh(parallel, world_size, "cpu")
     model = build_model(case)
     plan = parallelize(model, mesh, parallel)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    opt = _adamw(model, case)
     batches = global_batches(case)
     record = RunRecord(expert_range=(mesh.local_experts(case.num_experts).start,
                                      mesh.local_experts(case.num_experts).stop), tp_rank=mesh.tp_rank,

@@ -28,7 +28,8 @@ from parity import Case, build_model, check_against_reference, micro_loss, run_c
 from moe_dist.config import ParallelConfig, TrainConfig
 
 FSDP_DP2 = Case("fsdp_dp2", dp=2, ep=1, fsdp=True)
-FSDP_EP2 = Case("fsdp_dp4_ep2_accum2", dp=4, ep=2, accum=2, fsdp=True)
+# fused AdamW over DTensor shards on two meshes (dp and edp): train.optimizer_impl=fused with FSDP
+FSDP_EP2 = Case("fsdp_dp4_ep2_accum2_fused", dp=4, ep=2, accum=2, fsdp=True, optimizer_impl="fused")
 FSDP_EP4 = Case("fsdp_dp4_ep4", dp=4, ep=4, fsdp=True)  # edp=1: experts on a size-1 mesh
 
 # checkpoint round trip

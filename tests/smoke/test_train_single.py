@@ -237,3 +237,19 @@ def test_resume_into_a_new_run_follows_the_configured_lr(tmp_path):
     assert sorted(records) == [5, 6]
     schedule = TrainConfig(steps=6, lr=1e-4, warmup_steps=2)
     assert records[6]["lr"] == pytest.approx(1e-4 * lr_multiplier(5, schedule), rel=1e-9)
+
+
+def test_fused_adamw_state_resumes_exactly(tmp_path):
+    """train.optimizer_impl=fused (CUDA's 'auto'; the CPU fused kernel here): its state (a
+    tensor step per parameter) goes through the checkpoint, and a run resumed at step 3
+    continues with the uninterrupted run's losses."""
+    overrides = ["train.optimizer_impl=fused", "train.eval_every=0", "log.every=1", "checkpoint.every=3"]
+    whole = tmp_path / "whole"
+    run_train(whole, "train.steps=5", *overrides)
+    resumed = tmp_path / "resumed"
+    run_train(resumed, "train.steps=5", *overrides, f"checkpoint.resume={whole / 'checkpoints' / 'step_00000003'}")
+    want = {r["step"]: r["loss"] for r in read_metrics(whole)}
+    got = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    assert sorted(got) == [4, 5]
+    for step in (4, 5):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step

@@ -229,6 +229,9 @@ def test_config_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match=r"moe.router.adaptive.enabled.*train.offload_optimizer=false"):
         validate(load_config(None, [*small, "train.offload_optimizer=true", "moe.router.type=top_any",
                                     "moe.router.adaptive.enabled=true"]), 1)
+    with pytest.raises(ConfigError, match=r"train.optimizer_impl \('fused'\) with train.offload_optimizer=true.*"
+                                          r"train.optimizer_impl=auto"):
+        validate(load_config(None, [*small, "train.offload_optimizer=true", "train.optimizer_impl=fused"]), 1)
     validate(load_config(None, [*small, "train.offload_optimizer=true"]), 1)
 
 

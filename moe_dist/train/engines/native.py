@@ -17,7 +17,7 @@ from moe_dist.metrics import DeviceMeans
 from moe_dist.moe.routing import adaptive
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.offload import OffloadedAdamW, OffloadPlan
-from moe_dist.train.optim import build_optimizer, build_scheduler
+from moe_dist.train.optim import build_optimizer, build_scheduler, fused_by_default
 from moe_dist.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class NativeTrainer(Trainer):
             self.plan = OffloadPlan(self.model, self.optimizer)
         else:
             self.plan = self.rt.parallelize(self.model, self.cfg)
-            self.optimizer = build_optimizer(self.model, self.cfg.train)
+            fused = fused_by_default(self.device, self.cfg.parallel.fsdp)
+            self.optimizer = build_optimizer(self.model, self.cfg.train, fused_by_default=fused)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
 
     # ------------------------------------------------------------------ checkpoints
