@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh [stages...]
 #     stages: tests syncs layer dispatch train train_compile layer_compile profile
 #             train_compile_graphs logging train_profile train_reference train_autotune largest
+#             train_compile_fused
 #     (default: all but train_reference, train_autotune and largest, in that order)
 #
 # Expected durations on one H100 (each stage's timeout is in the case below): tests ~1-2 min, layer ~1.5 min
@@ -73,6 +74,9 @@ for stage in $STAGES; do
       stamp "end profile" ;;
     train) run train 100 python3 -m benchmarks.train_step $TRAIN_ARGS ;;
     train_compile) run train_compile 180 python3 -m benchmarks.train_step --compile-mode "$COMPILE_MODE" $TRAIN_ARGS ;;
+    train_compile_fused)  # the compiled MoE step with moe.grouped_gemm=triton_fused (pairs with train_compile's dense row)
+      run train_compile_fused 180 python3 -m benchmarks.train_step --compile-mode "$COMPILE_MODE" --models moe \
+        --grouped-gemm triton_fused $TRAIN_ARGS ;;
     train_compile_graphs)  # CUDA graphs of the compiled forward and backward
       run train_compile_graphs 240 python3 -m benchmarks.train_step --compile-mode reduce-overhead $TRAIN_ARGS ;;
     train_autotune) run train_autotune 540 python3 -m benchmarks.train_step --compile-mode max-autotune-no-cudagraphs $TRAIN_ARGS ;;
