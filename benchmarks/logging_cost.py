@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "block": block, "rounds": rounds, "seq_len": size["seq_len"], "batch": size["batch"],
             "device": gpu_name(device)}
     setup = build_setup(args.model, size, device, args.optimizer, args.compile_mode,
-                        clip_grad=lambda model: LocalPlan(model).clip_grad_norm_(GRAD_CLIP))
+                        clip_grad=lambda model: LocalPlan(model).clip_grad_norm_(GRAD_CLIP),
+                        optimizer_state_dtype=args.optimizer_state_dtype)
     log_cfg = LogConfig(every=1, tensorboard=True, progress_bar=False, image_every=args.image_every)
     total_steps = 2 * warmup + 2 * rounds * block + 1
     with contextlib.ExitStack() as stack:

@@ -114,7 +114,8 @@ def host_breakdown(prof, steps: int, wall_ms: float) -> tuple[dict[str, float], 
 def profile_model(kind: str, size: dict, args, device: torch.device) -> dict:
     """Categories (ms per step), top kernels and the unprofiled step time of one model."""
     mode = None if args.compile_mode == "eager" else args.compile_mode
-    setup = build_setup(kind, size, device, args.optimizer, mode, grouped_gemm=args.grouped_gemm)
+    setup = build_setup(kind, size, device, args.optimizer, mode, grouped_gemm=args.grouped_gemm,
+                        optimizer_state_dtype=args.optimizer_state_dtype)
     step_ms = time_call(setup.step, device, warmup=args.warmup, iters=args.iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)

@@ -34,6 +34,7 @@ from moe_dist.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
 from moe_dist.metrics.flops import peak_tflops, training_flops_per_token
 from moe_dist.models.transformer import Transformer
 from moe_dist.models.cross_entropy import token_cross_entropy
+from moe_dist.train.adamw_bf16_moments import AdamWBf16Moments
 from moe_dist.train.optim import adamw_implementation, fused_by_default
 
 FULL = dict(dim=1024, n_layers=12, n_heads=16, expert_ffn=2816, experts=8, top_k=2, vocab=32768,
@@ -99,12 +100,13 @@ def compile_mode_label(mode: str | None) -> str:
 def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "auto",
                 compile_mode: str | None = None,
                 clip_grad: Callable[[torch.nn.Module], torch.Tensor] | None = None,
-                grouped_gemm: str = "auto") -> TrainSetup:
+                grouped_gemm: str = "auto", optimizer_state_dtype: str = "fp32") -> TrainSetup:
     """The benchmarked model, optimizer and step. ``compile_mode`` None runs eagerly, else the
     model goes through ``torch.compile(mode=...)`` ('default', 'reduce-overhead': CUDA graphs of
     the compiled forward and backward, 'max-autotune-no-cudagraphs'). ``clip_grad(model)``, if
     given, runs between backward and the optimizer step and its result is the step's grad norm.
-    ``grouped_gemm`` is the MoE model's ``moe.grouped_gemm``."""
+    ``grouped_gemm`` is the MoE model's ``moe.grouped_gemm``; ``optimizer_state_dtype`` 'bf16' takes
+    the bf16-moment AdamW (``train.optimizer_state_dtype``)."""
     torch.manual_seed(0)
     model_cfg, moe_cfg = build(kind, size, grouped_gemm)
     model = Transformer(model_cfg, moe_cfg).to(device)
@@ -113,9 +115,11 @@ def build_setup(kind: str, size: dict, device: torch.device, optimizer: str = "a
     active = params - (0 if kind == "dense" else
                        model_cfg.n_layers * 3 * model_cfg.dim * moe_cfg.expert_ffn_dim
                        * (moe_cfg.num_experts - moe_cfg.router.top_k))
-    # train.optimizer_impl, resolved as the native engine does ('auto': fused on CUDA)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                              **adamw_implementation(optimizer, fused_by_default(device, fsdp=False)))
+    if optimizer_state_dtype == "bf16":
+        adamw = AdamWBf16Moments(model.parameters(), lr=1e-4, weight_decay=0.1)
+    else:  # train.optimizer_impl, resolved as the native engine does ('auto': fused on CUDA)
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                  **adamw_implementation(optimizer, fused_by_default(device, fsdp=False)))
     if compile_mode is None:
         forward = model
     else:
@@ -158,11 +162,13 @@ def cudagraph_skips() -> int:
 def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | None) -> dict:
     fused = "_triton_fused" if kind == "moe" and args.grouped_gemm == "triton_fused" else ""
     base = {"bench": "train_step", "model": kind, "system": "moe_dist" + fused + compile_mode_label(args.compile_mode),
-            "compile_mode": args.compile_mode or "eager", "optimizer": args.optimizer,
+            "compile_mode": args.compile_mode or "eager",
+            "optimizer": "bf16_moments" if args.optimizer_state_dtype == "bf16" else args.optimizer,
             "seq_len": size["seq_len"], "batch": size["batch"], "device": gpu_name(device)}
     try:
         skips_before = cudagraph_skips()
-        setup = build_setup(kind, size, device, args.optimizer, args.compile_mode, grouped_gemm=args.grouped_gemm)
+        setup = build_setup(kind, size, device, args.optimizer, args.compile_mode, grouped_gemm=args.grouped_gemm,
+                            optimizer_state_dtype=args.optimizer_state_dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step_ms = time_call(setup.step, device, warmup=args.warmup, iters=args.iters)
@@ -192,6 +198,8 @@ def run(kind: str, size: dict, args, device: torch.device, gemm_tflops: float | 
 def add_optimizer_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for_loop"],
                         help="train.optimizer_impl of the AdamW ('auto': fused on CUDA, the loop on CPU)")
+    parser.add_argument("--optimizer-state-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="train.optimizer_state_dtype ('bf16': the bf16-moment AdamW)")
 
 
 def add_grouped_gemm_arg(parser: argparse.ArgumentParser) -> None:

@@ -54,6 +54,8 @@ def validate(cfg: Config, world_size: int) -> None:
              f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
              f"train.micro_batch_size ({train.micro_batch_size}) x dp ({dp}) = {per_step}; "
              f"use global_batch_size={round_up(train.global_batch_size, per_step)}")
+    if train.optimizer_state_dtype == "bf16":
+        _validate_bf16_moments(cfg)
     if par.fsdp:
         _validate_fsdp(cfg)
     if train.engine == "deepspeed":
@@ -121,6 +123,20 @@ def _validate_fsdp(cfg: Config) -> None:
     require(not cfg.moe.router.adaptive.enabled,
             "parallel.fsdp=true with moe.router.adaptive.enabled: DynMoE resets rows of the optimizer "
             "state, which FSDP shards; set moe.router.adaptive.enabled=false or parallel.fsdp=false")
+
+
+def _validate_bf16_moments(cfg: Config) -> None:
+    """train.optimizer_state_dtype=bf16 is the native engine's own AdamW over plain tensors."""
+    for refused, reason, fix in (
+            (cfg.train.engine == "deepspeed", "train.engine=deepspeed (ZeRO builds its optimizer state from the "
+             "client AdamW's fp32 moments)", "train.engine=native"),
+            (cfg.parallel.fsdp, "parallel.fsdp=true (its DTensor shards need torch's AdamW)", "parallel.fsdp=false"),
+            (cfg.train.offload_optimizer, "train.offload_optimizer=true (the host AdamW keeps fp32 moments)",
+             "train.offload_optimizer=false"),
+            (cfg.train.optimizer_impl != "auto", f"train.optimizer_impl={cfg.train.optimizer_impl} (the bf16-moment "
+             "AdamW has its own kernel)", "train.optimizer_impl=auto")):
+        require(not refused, f"train.optimizer_state_dtype=bf16 with {reason}; use {fix}, or "
+                              "train.optimizer_state_dtype=fp32")
 
 
 def _validate_native_offload(cfg: Config, world_size: int) -> None:

@@ -256,7 +256,10 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
             slots = {slot: value for slot, value in optimizer.state.get(param, {}).items()
                      if isinstance(value, torch.Tensor)}
         else:
-            slots = {slot: _allocate_slot(param, fqn, slot, shape, spec)
+            # An optimizer that keeps its per-element state in another dtype than the parameter
+            # (AdamWBf16Moments) says so; the load converts whatever dtype the checkpoint holds.
+            slot_dtype = getattr(optimizer, "state_dtype", None)
+            slots = {slot: _allocate_slot(param, fqn, slot, shape, spec, slot_dtype)
                      for slot, shape in optim_slots.get(fqn, {}).items()}
         if not slots:
             continue
@@ -273,10 +276,10 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh:
 
 
 def _allocate_slot(param: nn.Parameter, fqn: str, slot: str, global_shape: tuple[int, ...],
-                   spec: ShardSpec | None) -> torch.Tensor:
+                   spec: ShardSpec | None, dtype: torch.dtype | None = None) -> torch.Tensor:
     param_global = spec.global_shape(param.shape) if spec else tuple(param.shape)
     if global_shape == param_global and len(global_shape) > 0:
-        return torch.zeros_like(param, memory_format=torch.contiguous_format).detach()
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format).detach()
     if math.prod(global_shape) == 1 or len(global_shape) == 0:
         return torch.zeros(global_shape, dtype=torch.float32)  # AdamW's step (always fp32 on CPU)
     raise CheckpointError(f"optimizer slot {OPTIM}.state.{fqn}.{slot}: checkpoint shape {global_shape} "

@@ -10,8 +10,8 @@ What each element costs (bytes), by engine:
 =====================  =========  ==========  ==========================================
 engine                 params     gradients   optimizer (AdamW)
 =====================  =========  ==========  ==========================================
-native, fp32 or bf16   4 (fp32)   4           8 (exp_avg, exp_avg_sq)
-  autocast
+native, fp32 or bf16   4 (fp32)   4           8 (exp_avg, exp_avg_sq); 4 with
+  autocast                                    train.optimizer_state_dtype=bf16
 DeepSpeed, bf16        2 (bf16)   2           12 (fp32 master + exp_avg + exp_avg_sq)
 DeepSpeed, fp32        4          4           8
 native,                2 (bf16)   4 (fp32     12 on the host (fp32 master + exp_avg +
@@ -213,7 +213,7 @@ def estimate_memory(cfg: Config, world_size: int, device_memory: float | None = 
     if deepspeed and bf16:
         param_b, grad_b, optim_b = 2, 2, 12
     else:
-        param_b, grad_b, optim_b = 4, 4, 8
+        param_b, grad_b, optim_b = 4, 4, 4 if cfg.train.optimizer_state_dtype == "bf16" else 8
     optim_div_dense = layout.dp if stage >= 1 else 1
     optim_div_expert = layout.edp if stage >= 1 else 1
     grad_div_dense = layout.dp if stage >= 2 else 1

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moe_dist.config import TrainConfig
+from moe_dist.train.adamw_bf16_moments import AdamWBf16Moments
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,7 +42,11 @@ def fused_by_default(device: torch.device, fsdp: bool) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused_by_default: bool = False) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`, implemented as ``cfg.optimizer_impl`` says."""
+    """AdamW over :func:`param_groups`, implemented as ``cfg.optimizer_impl`` says, or with bf16
+    moments (``cfg.optimizer_state_dtype``)."""
+    if cfg.optimizer_state_dtype == "bf16":
+        return AdamWBf16Moments(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                eps=1e-8)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=1e-8, **adamw_implementation(cfg.optimizer_impl, fused_by_default))
 

@@ -21,7 +21,7 @@ WORLD2 = [
 ]
 WORLD4 = [
     Case("ep4_dropless", dp=4, ep=4, num_experts=8),
-    Case("dp4xep2_dropless", dp=4, ep=2),
+    Case("dp4xep2_dropless_bf16_moments", dp=4, ep=2, optimizer_state_dtype="bf16"),
     Case("dp4xep2_capacity", dp=4, ep=2, capacity=True),
     Case("dp2xtp2xep2_dropless", dp=2, tp=2, ep=2),
     Case("dp2xtp2xep4_dropless", dp=2, tp=2, ep=4, num_experts=8),

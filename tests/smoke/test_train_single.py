@@ -239,11 +239,12 @@ def test_resume_into_a_new_run_follows_the_configured_lr(tmp_path):
     assert records[6]["lr"] == pytest.approx(1e-4 * lr_multiplier(5, schedule), rel=1e-9)
 
 
-def test_fused_adamw_state_resumes_exactly(tmp_path):
-    """train.optimizer_impl=fused (CUDA's 'auto'; the CPU fused kernel here): its state (a
-    tensor step per parameter) goes through the checkpoint, and a run resumed at step 3
-    continues with the uninterrupted run's losses."""
-    overrides = ["train.optimizer_impl=fused", "train.eval_every=0", "log.every=1", "checkpoint.every=3"]
+@pytest.mark.parametrize("optimizer", ["train.optimizer_impl=fused", "train.optimizer_state_dtype=bf16"])
+def test_optimizer_variants_resume_exactly(tmp_path, optimizer):
+    """Fused AdamW (CUDA's 'auto'; the CPU fused kernel here: a tensor step per parameter) and
+    the bf16-moment AdamW (an integer step, bf16 moments): their state goes through the DCP
+    checkpoint, and a run resumed at step 3 continues with the uninterrupted run's losses."""
+    overrides = [optimizer, "train.eval_every=0", "log.every=1", "checkpoint.every=3"]
     whole = tmp_path / "whole"
     run_train(whole, "train.steps=5", *overrides)
     resumed = tmp_path / "resumed"

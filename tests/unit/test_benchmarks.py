@@ -92,6 +92,17 @@ def test_dispatch_tiny(capsys):
         assert r["host_syncs"] is None  # counted on CUDA only
 
 
+def test_train_step_tiny_bf16_moments(capsys):
+    results = train_step.main(["--tiny", "--iters", "1", "--warmup", "1", "--optimizer-state-dtype", "bf16",
+                               "--models", "moe"])
+    assert _lines(capsys) == results
+    assert results[0]["status"] == "ok" and results[0]["optimizer"] == "bf16_moments"
+    from moe_dist.train.adamw_bf16_moments import AdamWBf16Moments
+
+    setup = train_step.build_setup("moe", train_step.TINY, torch.device("cpu"), optimizer_state_dtype="bf16")
+    assert isinstance(setup.optimizer, AdamWBf16Moments)
+
+
 def test_train_step_tiny(capsys):
     results = train_step.main(["--tiny", "--iters", "1", "--warmup", "1", "--grouped-gemm", "triton_fused"])
     assert _lines(capsys) == results
