@@ -1,4 +1,5 @@
-"""The grouped SwiGLU GEMM kernels compile for an H100 (sm_90) on this CPU machine.
+"""The grouped SwiGLU GEMM kernels (and the bf16-moment AdamW's) compile for an H100 (sm_90)
+on this CPU machine.
 
 The interpreter (test_kernels.py) checks their numerics but not that Triton can lower them.
 Here every autotuning configuration is compiled ahead of time, without a GPU, with what Triton's
@@ -57,6 +58,18 @@ for kernel, configs in ((source.grouped_gate_up_swiglu_kernel, host._GATE_UP_CON
             results.append(dict(kernel=kernel.__name__, config=[m, n, k, g, warps, stages], dim=dim,
                                 wgmma="wgmma.mma_async" in ptx, async_copy="cp.async" in ptx,
                                 shared=compiled.metadata.shared, stage_bytes=buffers))
+
+from moe_dist.train import adamw_bf16_moments
+adamw = adamw_bf16_moments._kernel()
+types = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "exp_avg_ptr": "*bf16", "exp_avg_sq_ptr": "*bf16",
+         "numel": "i32", "BLOCK": "constexpr"}
+signature = {name: types.get(name, "fp32") for name in adamw.arg_names}
+compiled = triton.compile(ASTSource(fn=adamw, signature=signature, constexprs={(adamw.arg_names.index("BLOCK"),): 2048},
+                                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+ptx = compiled.asm["ptx"]
+results.append(dict(kernel="adamw_bf16_moments_kernel", vector_loads="ld.global.v4" in ptx,
+                    rounds_to_nearest="cvt.rn.bf16" in ptx))
 print(json.dumps(results))
 """
 
@@ -72,6 +85,10 @@ def test_grouped_swiglu_kernels_compile_for_sm90_with_wgmma_and_pipelined_loads(
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    adamw = results.pop()
+    # the bf16-moment AdamW (numel a multiple of 16, as the JIT specialises it for weight tensors):
+    # 16-byte loads, and fp32 -> bf16 rounded to nearest (as torch rounds)
+    assert adamw["vector_loads"] and adamw["rounds_to_nearest"], adamw
     assert len(results) == 2 * 2 * 5
     for result in results:
         assert result["wgmma"] and result["async_copy"], result
