@@ -210,3 +210,28 @@ def test_triton_fused_backend_leaves_relu_experts_and_the_cpu_path_to_grouped_mm
     swiglu_fused, swiglu_loop = _fused_and_loop_experts(2, 16, 8)
     torch.testing.assert_close(swiglu_fused(x, counts), swiglu_loop(x, counts))
     assert calls == []
+
+
+def test_triton_fused_experts_compute_only_the_gradients_asked_for(monkeypatch):
+    """Input rows without a gradient (the weights still get theirs), and frozen experts (the
+    input gradient alone): each equals the loop's."""
+    if not experts._HAS_GROUPED_MM:
+        pytest.skip("torch._grouped_mm missing")
+    gen = torch.Generator().manual_seed(10)
+    counts = torch.tensor([7, 0, 18, 2])
+    x = torch.randn(29, 32, generator=gen)
+    g = torch.randn(29, 32, generator=gen)
+    monkeypatch.setattr(experts, "_use_fast_kernels", lambda t: True)
+    fused, loop = _fused_and_loop_experts(4, 32, 20)
+    fused(x, counts).backward(g)
+    loop(x, counts).backward(g)
+    torch.testing.assert_close(fused.w13.grad, loop.w13.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.w2.grad, loop.w2.grad, rtol=1e-4, atol=1e-5)
+    fused, loop = _fused_and_loop_experts(4, 32, 20)
+    for module in (fused, loop):
+        module.requires_grad_(False)
+    x_fused, x_loop = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused(x_fused, counts).backward(g)
+    loop(x_loop, counts).backward(g)
+    torch.testing.assert_close(x_fused.grad, x_loop.grad, rtol=1e-4, atol=1e-5)
+    assert fused.w13.grad is None and fused.w2.grad is None

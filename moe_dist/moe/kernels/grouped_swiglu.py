@@ -162,13 +162,19 @@ class FusedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND):
         x, h, act, w13, w2, offsets = ctx.saved_tensors
+        needs_x, needs_w13, needs_w2, _ = ctx.needs_input_grad
         grad_ND = grad_ND.contiguous()
-        dh = swiglu_input_grad(grad_ND, w2, h, offsets)
+        grad_x = grad_w13 = grad_w2 = None
         # Weight gradients group the contraction over each expert's rows: padding rows are not read.
-        grad_w2 = torch._grouped_mm(act.t(), grad_ND, offs=offsets)
-        grad_w13 = torch._grouped_mm(x.t(), dh, offs=offsets)
-        grad_x = torch._grouped_mm(dh, w13.transpose(-2, -1), offs=offsets)
-        expert_ops.zero_rows_from_(grad_x, offsets)
+        if needs_w2:
+            grad_w2 = torch._grouped_mm(act.t(), grad_ND, offs=offsets)
+        if needs_x or needs_w13:
+            dh = swiglu_input_grad(grad_ND, w2, h, offsets)
+            if needs_w13:
+                grad_w13 = torch._grouped_mm(x.t(), dh, offs=offsets)
+            if needs_x:
+                grad_x = torch._grouped_mm(dh, w13.transpose(-2, -1), offs=offsets)
+                expert_ops.zero_rows_from_(grad_x, offsets)
         return grad_x, grad_w13, grad_w2, None
 
 
