@@ -38,8 +38,9 @@ from moe_dist.moe.kernels.launch import is_interpreted, launcher
 # Tried by the autotuner on CUDA, per (dim, ffn): (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
 # BLOCK_N counts the columns of one half (gate or up), so the gate/up kernel holds two
 # BLOCK_M x BLOCK_N accumulators. Register use compiled for sm_90 (ptxas, Triton 3.9): the
-# gate/up configurations do not spill; the input-gradient kernel spills 32 bytes at 128 x 128
-# and 64 x 256 (its epilogue holds two h tiles beside the accumulator), none at 128 x 64 or 64 x 128.
+# gate/up kernel spills 8 bytes at 128 x 128 (two 128 x 128 accumulators), none at the others;
+# the input-gradient kernel 28-32 bytes at 128 x 128 and 64 x 256 (its epilogue holds two h tiles
+# beside the accumulator), none at 128 x 64 or 64 x 128.
 _GATE_UP_CONFIGS = [
     (128, 64, 64, 8, 8, 4),
     (128, 64, 64, 8, 8, 3),

@@ -16,7 +16,8 @@ import triton.language as tl
 def block_of_program(offsets_ptr, num_groups, num_rows, ffn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                      GROUPS_P2: tl.constexpr):
-    """(group, first row, end row of the group, first column) of this program."""
+    """This program's tile: (group, rows as int64, row mask, columns, column mask). Rows past
+    the group's end are masked; a group id of ``num_groups`` means there is no tile to compute."""
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(num_rows, BLOCK_M) + num_groups
     blocks_n = tl.cdiv(ffn, BLOCK_N)
@@ -37,23 +38,20 @@ def block_of_program(offsets_ptr, num_groups, num_rows, ffn,
     first_block = tl.sum(tl.where(mine, blocks_end - blocks, 0), 0)
     row_begin = tl.sum(tl.where(mine, begins, 0), 0) + (pid_m - first_block) * BLOCK_M
     row_end = tl.sum(tl.where(mine, ends, 0), 0)
-    return group, row_begin, row_end, pid_n * BLOCK_N
+    rows = row_begin + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return group, rows.to(tl.int64), rows < row_end, cols, cols < ffn
 
 
 @triton.jit
 def grouped_gate_up_swiglu_kernel(x_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, num_groups, num_rows,
-                          dim: tl.constexpr, ffn: tl.constexpr, stride_we, stride_wk, stride_wn,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, GROUPS_P2: tl.constexpr):
-    group, row_begin, row_end, col_begin = block_of_program(
+                                  dim: tl.constexpr, ffn: tl.constexpr, stride_we, stride_wk, stride_wn,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  GROUP_M: tl.constexpr, GROUPS_P2: tl.constexpr):
+    group, rows, row_ok, cols, col_ok = block_of_program(
         offsets_ptr, num_groups, num_rows, ffn, BLOCK_M, BLOCK_N, GROUP_M, GROUPS_P2)
     if group >= num_groups:
         return
-    rows = row_begin + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    rows = rows.to(tl.int64)
-    cols = col_begin + tl.arange(0, BLOCK_N)
-    col_ok = cols < ffn
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * dim + ks[None, :]
     gate_ptrs = w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
@@ -80,19 +78,14 @@ def grouped_gate_up_swiglu_kernel(x_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, num
 
 @triton.jit
 def grouped_swiglu_input_grad_kernel(g_ptr, w_ptr, h_ptr, dh_ptr, offsets_ptr, num_groups, num_rows,
-                             dim: tl.constexpr, ffn: tl.constexpr, stride_we, stride_wn, stride_wk,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, GROUPS_P2: tl.constexpr):
+                                     dim: tl.constexpr, ffn: tl.constexpr, stride_we, stride_wn, stride_wk,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     GROUP_M: tl.constexpr, GROUPS_P2: tl.constexpr):
     # d_act[r, n] = sum_k g[r, k] * w2[e, n, k]; w2[e] is [ffn, dim], read transposed.
-    group, row_begin, row_end, col_begin = block_of_program(
+    group, rows, row_ok, cols, col_ok = block_of_program(
         offsets_ptr, num_groups, num_rows, ffn, BLOCK_M, BLOCK_N, GROUP_M, GROUPS_P2)
     if group >= num_groups:
         return
-    rows = row_begin + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    rows = rows.to(tl.int64)
-    cols = col_begin + tl.arange(0, BLOCK_N)
-    col_ok = cols < ffn
     ks = tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + rows[:, None] * dim + ks[None, :]
     w_ptrs = w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
