@@ -6,6 +6,7 @@ are checked against hand-worked examples.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moe_dist.moe.dispatch.all_to_all import (AllToAllDispatcher, capacity_slots, local_expert_major_order,
@@ -85,3 +86,16 @@ def test_degree_one_all_tokens_on_one_expert():
     ref = _run(LocalDispatcher(num_experts), experts, x, indices, weights, None)
     out = _run(AllToAllDispatcher(num_experts, None, 0, 1), experts, x, indices, weights, None)
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("max_key", [3, 255, 256, 40_000, 2**31])
+def test_stable_argsort_small_equals_the_int64_stable_sort(max_key):
+    """Narrowed keys (uint8, int16, int32, or int64 past those) give the same stable order,
+    ties in input order, at each dtype boundary."""
+    from moe_dist.moe.dispatch.permutation import stable_argsort_small
+
+    gen = torch.Generator().manual_seed(max_key % 1000)
+    keys = torch.randint(0, min(max_key, 50) + 1, (500,), generator=gen)
+    keys[::7] = max_key  # the largest key must survive the narrowing
+    want = torch.argsort(keys, stable=True)
+    assert torch.equal(stable_argsort_small(keys, max_key), want)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_dist.distributed import comms
-from moe_dist.moe.dispatch.permutation import PermuteState, permute, unpermute
+from moe_dist.moe.dispatch.permutation import PermuteState, permute, stable_argsort_small, unpermute
 from moe_dist.moe.experts import to_autocast_dtype
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def local_expert_major_order(recv_counts_E: torch.Tensor, num_local_experts: int
     num_sources = recv_counts_E.numel() // num_local_experts
     expert_of_block = torch.arange(num_local_experts, device=recv_counts_E.device).repeat(num_sources)
     expert_R = torch.repeat_interleave(expert_of_block, recv_counts_E, output_size=num_recv)
-    return torch.argsort(expert_R, stable=True)
+    return stable_argsort_small(expert_R, num_local_experts - 1)
 
 
 def sorted_expert_ids(tokens_per_expert_E: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -47,7 +47,8 @@ import torch
 from moe_dist.distributed import comms
 from moe_dist.moe.dispatch.all_to_all import (AllToAllDispatcher, capacity_slots, local_expert_major_order,
                                               sorted_expert_ids)
-from moe_dist.moe.dispatch.permutation import expert_sort, gather_in_order, inverse_permutation, unpermute
+from moe_dist.moe.dispatch.permutation import (expert_sort, gather_in_order, inverse_permutation, stable_argsort_small,
+                                                unpermute)
 from moe_dist.moe.experts import to_autocast_dtype
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -190,7 +191,7 @@ def chunk_major_order(tokens_per_expert_E: torch.Tensor, num_chunks: int, num_ro
     count_N = tokens_per_expert_E.index_select(0, expert_safe_N).clamp(min=1)
     chunk_N = ((pos_N + 1) * num_chunks - 1) // count_N
     key_N = torch.where(expert_N < num_experts, chunk_N * num_experts + expert_N, num_chunks * num_experts)
-    return torch.argsort(key_N, stable=True)
+    return stable_argsort_small(key_N, num_chunks * num_experts)
 
 
 # --------------------------------------------------------------------------------------------
