@@ -27,11 +27,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 _IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
 
 
-def adamw_implementation(impl: str, fused_by_default: bool) -> dict:
+def adamw_implementation(impl: str, prefer_fused: bool) -> dict:
     """``torch.optim.AdamW`` keyword arguments for ``train.optimizer_impl``; 'auto' is 'fused'
-    where ``fused_by_default`` (the caller knows the device and the sharding), else 'for_loop'."""
+    where ``prefer_fused`` (the caller knows the device and the sharding), else 'for_loop'."""
     if impl == "auto":
-        impl = "fused" if fused_by_default else "for_loop"
+        impl = "fused" if prefer_fused else "for_loop"
     return dict(_IMPLEMENTATIONS[impl])
 
 
@@ -41,14 +41,14 @@ def fused_by_default(device: torch.device, fsdp: bool) -> bool:
     return device.type == "cuda" and not fsdp
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused_by_default: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, prefer_fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`, implemented as ``cfg.optimizer_impl`` says, or with bf16
     moments (``cfg.optimizer_state_dtype``)."""
     if cfg.optimizer_state_dtype == "bf16":
         return AdamWBf16Moments(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 eps=1e-8)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=1e-8, **adamw_implementation(cfg.optimizer_impl, fused_by_default))
+                             eps=1e-8, **adamw_implementation(cfg.optimizer_impl, prefer_fused))
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:

@@ -112,7 +112,7 @@ def _adamw(model: Transformer, case: Case) -> torch.optim.Optimizer:
     if case.optimizer_state_dtype == "bf16":
         return AdamWBf16Moments(model.parameters(), lr=LR, weight_decay=0.1)
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1,
-                             **adamw_implementation(case.optimizer_impl, fused_by_default=False))
+                             **adamw_implementation(case.optimizer_impl, prefer_fused=False))
 
 
 def run_reference(case: Case) -> RunRecord:

@@ -39,8 +39,8 @@ class NativeTrainer(Trainer):
             self.plan = OffloadPlan(self.model, self.optimizer)
         else:
             self.plan = self.rt.parallelize(self.model, self.cfg)
-            fused = fused_by_default(self.device, self.cfg.parallel.fsdp)
-            self.optimizer = build_optimizer(self.model, self.cfg.train, fused_by_default=fused)
+            self.optimizer = build_optimizer(self.model, self.cfg.train,
+                                             prefer_fused=fused_by_default(self.device, self.cfg.parallel.fsdp))
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
 
     # ------------------------------------------------------------------ checkpoints
