@@ -33,7 +33,7 @@ def _kernel():
 
     @triton.jit
     def adamw_bf16_moments_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel,
-                                  lr, beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, BLOCK: tl.constexpr):
+                                  beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offsets < numel
         param = tl.load(param_ptr + offsets, mask=ok).to(tl.float32)
@@ -116,13 +116,13 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                 bias_correction2 = 1.0 - beta2 ** step
                 args = (beta1, beta2, eps, 1.0 - lr * group["weight_decay"], lr / bias_correction1,
                         1.0 / bias_correction2 ** 0.5)
-                self._update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], lr, args)
+                self._update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], args)
         return loss
 
     @staticmethod
-    def _update(param, grad, exp_avg, exp_avg_sq, lr, args) -> None:
+    def _update(param, grad, exp_avg, exp_avg_sq, args) -> None:
         if use_kernel(param) and param.is_contiguous() and grad.is_contiguous():
             numel = param.numel()
-            _kernel()[(-(-numel // _BLOCK),)](param, grad, exp_avg, exp_avg_sq, numel, lr, *args, BLOCK=_BLOCK)
+            _kernel()[(-(-numel // _BLOCK),)](param, grad, exp_avg, exp_avg_sq, numel, *args, BLOCK=_BLOCK)
         else:
             _step_torch(param, grad, exp_avg, exp_avg_sq, *args)
