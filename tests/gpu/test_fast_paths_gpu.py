@@ -143,12 +143,12 @@ def test_triton_fused_experts_match_grouped_mm_bf16():
         out.backward(g)
         results.append((out, xi.grad, experts.w13.grad, experts.w2.grad))
     (out, dx, dw13, dw2), (ref_out, ref_dx, ref_dw13, ref_dw2) = results
+    # The empty expert's weight gradients are zero on both paths (grouped_mm's K-grouped GEMM
+    # must not leave an empty group's output undefined).
+    for name, grad in (("fused w13", dw13), ("fused w2", dw2), ("grouped_mm w13", ref_dw13), ("grouped_mm w2", ref_dw2)):
+        assert torch.equal(grad[1], torch.zeros_like(grad[1])), name
     assert torch.equal(out[real:], torch.zeros_like(out[real:]))
     assert torch.equal(dx[real:], torch.zeros_like(dx[real:]))
     assert rel_err(out[:real], ref_out[:real]) < 1e-2
     assert rel_err(dx[:real], ref_dx[:real]) < 1e-2
     assert rel_err(dw13, ref_dw13) < 1e-2 and rel_err(dw2, ref_dw2) < 1e-2
-    # The empty expert's weight gradients are zero on both paths (grouped_mm's K-grouped GEMM
-    # must not leave an empty group's output undefined).
-    for name, grad in (("fused w13", dw13), ("fused w2", dw2), ("grouped_mm w13", ref_dw13), ("grouped_mm w2", ref_dw2)):
-        assert torch.equal(grad[1], torch.zeros_like(grad[1])), name
