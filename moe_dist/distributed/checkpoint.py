@@ -440,6 +440,8 @@ def load_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch
     if optimizer is not None and len(optimizer.param_groups) != _count_groups(metadata):
         raise CheckpointError(f"checkpoint {directory} has {_count_groups(metadata)} optimizer param groups, "
                               f"the optimizer {len(optimizer.param_groups)}; was it written with another config?")
+    if optimizer is not None:
+        sharded.state[OPTIM]["param_groups"] = _restorable_groups(sharded.state[OPTIM]["param_groups"], metadata)
     with _quiet_single_process():
         dcp.load(sharded.state, storage_reader=dcp.FileSystemReader(str(directory)),
                  planner=BoxLoadPlanner(sharded.boxes), no_dist=_no_dist())
@@ -456,6 +458,21 @@ def load_model_and_optimizer(directory: Path, model: nn.Module, optimizer: torch
         optimizer.state[param] = {slot: sharded.sources[f"{OPTIM}.state.{fqn}.{slot}"] for slot in slot_values}
     for group, saved in zip(optimizer.param_groups, loaded["param_groups"]):
         group.update(saved)
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+"""Param-group keys that choose how torch's optimizers compute, not what: a resumed optimizer
+keeps its own (train.optimizer_impl may differ from the run that wrote the checkpoint)."""
+
+
+def _restorable_groups(groups: list[dict], metadata: Metadata) -> list[dict]:
+    """The param-group entries to read back: the hyper-parameters the checkpoint holds. Keys it
+    lacks (another optimizer wrote it, or an older torch without a newer AdamW key) keep the
+    optimizer's current values, and so do the implementation keys."""
+    prefix = f"{OPTIM}.param_groups."
+    stored = {key[len(prefix):] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    return [{k: v for k, v in group.items() if f"{i}.{k}" in stored and k not in IMPLEMENTATION_KEYS}
+            for i, group in enumerate(groups)]
 
 
 def _count_groups(metadata: Metadata) -> int:

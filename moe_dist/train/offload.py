@@ -62,8 +62,6 @@ ALIGN_ELEMENTS = 64
 bf16): kernels such as ``torch._grouped_mm`` need 16-byte aligned weights. The gaps stay zero
 in the gradient buffer."""
 
-_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
-
 
 def fused_cpu_adamw_available() -> bool:
     """torch >= 2.4 has a fused AdamW kernel for CPU tensors."""
@@ -123,7 +121,6 @@ class OffloadedAdamW(torch.optim.AdamW):
         fused = fused_cpu_adamw_available() if fused is None else fused
         super().__init__(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                          fused=fused or None, foreach=None if fused else False)
-        self.implementation = {k: self.param_groups[0][k] for k in _IMPLEMENTATION_KEYS}
         self.masters = masters
         self.device = device
         self.compute_dtype = compute_dtype
@@ -174,11 +171,8 @@ class OffloadedAdamW(torch.optim.AdamW):
             self._swap_slots(self.model, {id(m): c for m, c in zip(self.masters, self.compute_params)})
 
     def after_load(self) -> None:
-        """After a checkpoint load filled the masters and moments: keep this optimizer's kernel
-        choice (the loaded param groups may come from a non-offloaded run) and refresh the device
-        copies."""
-        for group in self.param_groups:
-            group.update(self.implementation)
+        """After a checkpoint load filled the masters and moments: refresh the device copies. (The
+        loader keeps this optimizer's kernel choice: distributed/checkpoint.py IMPLEMENTATION_KEYS.)"""
         self.copy_masters_to_device()
 
     @torch.no_grad()

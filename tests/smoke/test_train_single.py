@@ -254,3 +254,23 @@ def test_optimizer_variants_resume_exactly(tmp_path, optimizer):
     assert sorted(got) == [4, 5]
     for step in (4, 5):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_across_optimizer_settings_keeps_the_configured_implementation(tmp_path):
+    """A checkpoint of torch's AdamW (the loop) resumes with bf16 moments, and that one with a
+    fused torch AdamW: each run steps its own optimizer (param-group keys the checkpoint lacks,
+    and the implementation keys, keep the resuming optimizer's values)."""
+    common = ["train.eval_every=0", "log.every=1"]
+    first, second, third = tmp_path / "loop", tmp_path / "bf16", tmp_path / "fused"
+    run_train(first, "train.steps=3", "checkpoint.every=3", *common)
+    run_train(second, "train.steps=5", "train.optimizer_state_dtype=bf16", *common,
+              f"checkpoint.resume={first / 'checkpoints' / 'step_00000003'}")
+    run_train(third, "train.steps=7", "train.optimizer_impl=fused", *common,
+              f"checkpoint.resume={second / 'checkpoints' / 'step_00000005'}")
+    assert sorted(r["step"] for r in read_metrics(third)) == [6, 7]
+
+    from moe_dist.distributed.checkpoint import _restorable_groups, read_metadata
+
+    metadata = read_metadata(third / "checkpoints" / "step_00000007")
+    groups = _restorable_groups([{"lr": 1.0, "fused": False, "not_in_checkpoint": 3}], metadata)
+    assert groups == [{"lr": 1.0}]  # the saved lr is read back; the rest stays as the optimizer has it
