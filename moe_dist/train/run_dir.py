@@ -23,7 +23,7 @@ from moe_dist.config.loading import describe_yaml_error
 
 # Keys a resumed run may change without becoming a different run.
 RESUMABLE_KEYS = ("train.steps", "checkpoint.", "log.", "parallel.", "train.engine", "train.device",
-                  "train.micro_batch_size", "train.profile_", "data.cache_dir", "zero.")
+                  "train.micro_batch_size", "train.profile_", "train.optimizer_impl", "data.cache_dir", "zero.")
 
 
 def default_run_dir(config_path: str | None) -> Path:

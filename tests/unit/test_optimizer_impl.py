@@ -68,3 +68,12 @@ def test_deepspeed_engine_takes_the_loop_only():
         with pytest.raises(ConfigError, match=rf"train.optimizer_impl \('{impl}'\) with train.engine=deepspeed.*"
                                               r"use train.optimizer_impl=auto"):
             validate(load_config(None, ["train.engine=deepspeed", "zero.stage=1", f"train.optimizer_impl={impl}"]), 2)
+
+
+def test_a_resumed_run_may_change_the_implementation_not_the_state_dtype():
+    from moe_dist.train.run_dir import config_differences
+
+    old = load_config(None, []).to_dict()
+    assert config_differences(old, load_config(None, ["train.optimizer_impl=fused"]).to_dict()) == []
+    assert config_differences(old, load_config(None, ["train.optimizer_state_dtype=bf16"]).to_dict()) == [
+        "train.optimizer_state_dtype"]
