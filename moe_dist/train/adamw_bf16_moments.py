@@ -32,12 +32,15 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def adamw_bf16_moments_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel,
-                                  beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, BLOCK: tl.constexpr):
+    def adamw_bf16_moments_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, numel,
+                                  beta1, beta2, eps, decay, step_size, inv_sqrt_bc2,
+                                  HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offsets < numel
         param = tl.load(param_ptr + offsets, mask=ok).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=ok).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            grad = grad / tl.load(grad_scale_ptr)
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=ok).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=ok).to(tl.float32)
         param = param * decay
@@ -51,10 +54,11 @@ def _kernel():
     return adamw_bf16_moments_kernel
 
 
-def _step_torch(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, decay, step_size, inv_sqrt_bc2) -> None:
+def _step_torch(param, grad, exp_avg, exp_avg_sq, grad_scale, beta1, beta2, eps, decay, step_size,
+                inv_sqrt_bc2) -> None:
     """The kernel's arithmetic as torch ops (fp32), for devices without the Triton path."""
     value = param.float().mul_(decay)
-    grad = grad.float()
+    grad = grad.float() if grad_scale is None else grad.float() / grad_scale
     avg = exp_avg.float()
     avg.add_(grad - avg, alpha=1.0 - beta1)
     avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -74,6 +78,10 @@ class AdamWBf16Moments(torch.optim.Optimizer):
     The state per parameter is torch AdamW's: ``step`` (an fp32 scalar on the CPU, read on the
     host without a device sync), ``exp_avg``, ``exp_avg_sq``. Moments that arrive in another
     dtype (a checkpoint of torch's AdamW) are converted to bf16 at the next step.
+
+    Like torch's fused AdamW, the step divides every gradient by ``self.grad_scale`` when that
+    attribute is a (device) tensor: gradient clipping without a pass of its own
+    (:func:`moe_dist.train.optim.set_clip_scale`). Unlike torch's, it leaves ``.grad`` unscaled.
     """
 
     state_dtype = torch.bfloat16
@@ -92,6 +100,7 @@ class AdamWBf16Moments(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             for param in group["params"]:
@@ -116,13 +125,15 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                 bias_correction2 = 1.0 - beta2 ** step
                 args = (beta1, beta2, eps, 1.0 - lr * group["weight_decay"], lr / bias_correction1,
                         1.0 / bias_correction2 ** 0.5)
-                self._update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], args)
+                self._update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], grad_scale, args)
         return loss
 
     @staticmethod
-    def _update(param, grad, exp_avg, exp_avg_sq, args) -> None:
+    def _update(param, grad, exp_avg, exp_avg_sq, grad_scale, args) -> None:
         if use_kernel(param) and param.is_contiguous() and grad.is_contiguous():
             numel = param.numel()
-            _kernel()[(-(-numel // _BLOCK),)](param, grad, exp_avg, exp_avg_sq, numel, *args, BLOCK=_BLOCK)
+            scale = grad_scale if grad_scale is not None else grad  # any pointer: not read then
+            _kernel()[(-(-numel // _BLOCK),)](param, grad, exp_avg, exp_avg_sq, scale, numel, *args,
+                                              HAS_GRAD_SCALE=grad_scale is not None, BLOCK=_BLOCK)
         else:
-            _step_torch(param, grad, exp_avg, exp_avg_sq, *args)
+            _step_torch(param, grad, exp_avg, exp_avg_sq, grad_scale, *args)

@@ -51,6 +51,24 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, prefer_fused: bool = Fal
                              eps=1e-8, **adamw_implementation(cfg.optimizer_impl, prefer_fused))
 
 
+def clips_inside_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` divides the gradients by ``optimizer.grad_scale`` in its own
+    kernel: torch's fused AdamW (GradScaler's hook) and :class:`AdamWBf16Moments`. Clipping through
+    it reads the gradients once (the norm) instead of three times (the norm, then a scaling pass)."""
+    if isinstance(optimizer, AdamWBf16Moments):
+        return True
+    return type(optimizer) is torch.optim.AdamW and all(group.get("fused") for group in optimizer.param_groups)
+
+
+def set_clip_scale(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float) -> None:
+    """Clip in the next ``optimizer.step()``: ``grad_scale = 1 / min(1, max_norm / (norm + 1e-6))``,
+    torch's ``clip_grad_norm_`` rule, as a device tensor (no host sync); none for max_norm 0 or inf."""
+    if max_norm > 0 and math.isfinite(max_norm):
+        optimizer.grad_scale = ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        optimizer.grad_scale = None
+
+
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:

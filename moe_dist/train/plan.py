@@ -31,7 +31,8 @@ from torch import nn
 from moe_dist.config import Config, ParallelConfig
 from moe_dist.distributed import checkpoint as dist_checkpoint
 from moe_dist.distributed import comms
-from moe_dist.distributed.grad_sync import GradReducer, clip_grad_norm_, clip_sharded_grad_norm_
+from moe_dist.distributed.grad_sync import (GradReducer, clip_grad_norm_, clip_sharded_grad_norm_, grad_norm,
+                                            sharded_grad_norm)
 from moe_dist.distributed.mesh import ParallelMesh
 from moe_dist.models.cross_entropy import token_cross_entropy
 from moe_dist.models.fsdp import apply_fsdp
@@ -61,6 +62,10 @@ class GradientPlan(Plan, Protocol):
     def finish_gradient_sync(self) -> None: ...
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, as :meth:`clip_grad_norm_` measures it, without clipping."""
+        ...
 
     def save_model_and_optimizer(self, directory: Path, model: nn.Module,
                                  optimizer: torch.optim.Optimizer) -> None: ...
@@ -103,6 +108,10 @@ class LocalPlan(_PlanBase):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # foreach=None: torch's multi-tensor norm on CUDA; on CPU the same per-tensor loop as before
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=None)
+
+    def grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=None)
 
     def mean_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -164,6 +173,9 @@ class DistributedPlan(_MeshCheckpoints):
         """Global grad norm (experts summed over ep, dense counted once); clips unless inf/0."""
         return clip_grad_norm_(self.model.parameters(), max_norm, self.mesh)
 
+    def grad_norm(self) -> torch.Tensor:
+        return grad_norm(self.model.parameters(), self.mesh)
+
 
 class FSDPPlan(_MeshCheckpoints):
     """FSDP2 on a mesh (``parallel.fsdp``): dense parameters sharded over dp, experts over edp.
@@ -194,6 +206,9 @@ class FSDPPlan(_MeshCheckpoints):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global grad norm from the shards (dense summed over dp, experts over edp and ep)."""
         return clip_sharded_grad_norm_(self.model.parameters(), max_norm, self.mesh)
+
+    def grad_norm(self) -> torch.Tensor:
+        return sharded_grad_norm(self.model.parameters(), self.mesh)
 
 
 class DeepSpeedPlan(_MeshReductions):

@@ -64,13 +64,18 @@ def test_kernel_equals_the_torch_arithmetic(monkeypatch):
             assert (a[key] == b[key]).float().mean() > 0.999
 
 
-def test_step_makes_no_host_sync():
+@pytest.mark.parametrize("clip", [False, True])
+def test_step_makes_no_host_sync(clip):
+    from moe_dist.train.optim import set_clip_scale
+
     model = _model()
     opt = AdamWBf16Moments(model.parameters(), lr=1e-3)
     _train(model, opt, steps=1)  # state allocated, kernel compiled
     torch.cuda.synchronize()
     for p in model.parameters():
         p.grad = torch.randn_like(p)
+    if clip:  # the clip coefficient stays on the device
+        set_clip_scale(opt, torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]), 1.0)
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()
@@ -90,3 +95,32 @@ def test_follows_fused_adamw():
     moved = (finals[0] - start).norm()
     assert moved > 0.1
     assert (finals[1] - finals[0]).norm() / moved < 0.02
+
+
+@pytest.mark.parametrize("fused_torch", [True, False])
+def test_clipping_inside_the_step_equals_clip_then_step(fused_torch):
+    """The trainer's clipping through ``optimizer.grad_scale`` (train/engines/native.py) against
+    clip_grad_norm_ then step, on CUDA, for torch's fused AdamW and the bf16-moment AdamW."""
+    from moe_dist.train.optim import set_clip_scale
+
+    finals = []
+    for inside in (False, True):
+        model = _model(3)
+        params = list(model.parameters())
+        opt = (torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True) if fused_torch
+               else AdamWBf16Moments(params, lr=1e-3, weight_decay=0.1))
+        gen = torch.Generator(device=DEVICE).manual_seed(4)
+        for _ in range(3):
+            x = torch.randn(256, 512, device=DEVICE, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().mul(100).backward()
+            if inside:
+                set_clip_scale(opt, torch.nn.utils.get_total_norm([p.grad for p in params]), 0.1)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, 0.1)
+            opt.step()
+        finals.append(torch.cat([p.detach().flatten() for p in params]))
+    # grad * coef and grad / (1 / coef) differ in the last bit; with bf16 moments that can move a
+    # stored moment by one bf16 ulp now and then: lr x 2^-8 per step at most.
+    atol = 1e-6 if fused_torch else 3 * 1e-3 * 2 ** -8
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=atol)

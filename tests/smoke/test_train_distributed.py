@@ -1,7 +1,8 @@
 """End-to-end distributed training through the real CLI on CPU gloo.
 
 * ``torchrun --nproc_per_node 2 ... parallel.ep=2`` and ``--nproc_per_node 4 ... parallel.ep=4``
-  log the same loss at every step as the single-process run (rel 1e-5);
+  log the same loss at every step as the single-process run (rel 1e-5), all with the fused AdamW
+  clipping inside its step;
 * a 2-process ep=2 run resumes the 4-process run's step-2 checkpoint (another layout) and
   continues on the single-process curve;
 * a rank killed mid-run makes the other rank exit on its own, in bounded time, with the
@@ -26,9 +27,11 @@ from tests.smoke.conftest import REPO, TINY, read_metrics, run_train, train_env
 
 pytestmark = pytest.mark.slow
 
-# micro-batch 1 so that 1, 2 and 4 data-parallel ranks all divide the global batch of 4.
+# micro-batch 1 so that 1, 2 and 4 data-parallel ranks all divide the global batch of 4. The
+# fused AdamW (CUDA's default, CPU's fused kernel here) clips inside its step: the single-process
+# and the expert-parallel plans' grad_norm feed its grad_scale.
 COMMON = ["train.micro_batch_size=1", "train.steps=4", "log.every=1", "train.eval_every=0",
-          "checkpoint.every=2", "checkpoint.keep_last=2"]
+          "checkpoint.every=2", "checkpoint.keep_last=2", "train.optimizer_impl=fused"]
 REL = 1e-5
 
 

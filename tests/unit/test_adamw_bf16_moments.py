@@ -161,3 +161,56 @@ def test_memory_estimate_counts_four_bytes_of_moments():
     bf16 = estimate_memory(load_config(None, [*small, "train.optimizer_state_dtype=bf16"]), world_size=1)
     assert fp32.optimizer == 8 * fp32.rank_params
     assert bf16.optimizer == 4 * bf16.rank_params
+
+
+@pytest.mark.parametrize("kind", ["fused", "bf16_torch", "bf16_kernel"])
+def test_clipping_inside_the_step_equals_clip_then_step(monkeypatch, kind):
+    """``set_clip_scale`` + step (the gradients scaled inside the optimizer's kernel) against
+    ``clip_grad_norm_`` + step, for torch's fused AdamW and both paths of the bf16-moment AdamW;
+    the clip really bites (norm far above max_norm) over three steps."""
+    from moe_dist.train.optim import clips_inside_step, set_clip_scale
+
+    if kind == "bf16_kernel":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(bf16_adamw, "use_kernel", lambda p: kind == "bf16_kernel")
+
+    def make(params):
+        if kind == "fused":
+            return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+        return AdamWBf16Moments(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+
+    finals, max_norm = [], 0.05
+    for inside in (False, True):
+        model = _model(6)
+        opt = make(model.parameters())
+        assert clips_inside_step(opt)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            x, y = torch.randn(16, 12, generator=gen), torch.randn(16, 3, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(model(x), y).mul(100).backward()
+            if inside:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+                set_clip_scale(opt, norm, max_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            assert norm > 10 * max_norm
+            opt.step()
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # grad * coef and grad / (1 / coef) differ in the last bit; with bf16 moments that can move a
+    # stored moment by one bf16 ulp now and then: lr x 2^-8 per step at most.
+    atol = 1e-6 if kind == "fused" else 3 * LR * 2 ** -8
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=atol)
+
+
+def test_clip_scale_is_one_over_torchs_coefficient_and_none_without_clipping():
+    from moe_dist.train.optim import clips_inside_step, set_clip_scale
+
+    opt = AdamWBf16Moments([nn.Parameter(torch.zeros(2))])
+    set_clip_scale(opt, torch.tensor(3.0), 1.5)
+    assert opt.grad_scale.item() == pytest.approx((3.0 + 1e-6) / 1.5)
+    set_clip_scale(opt, torch.tensor(0.5), 1.5)
+    assert opt.grad_scale.item() == 1.0  # below max_norm: no scaling
+    set_clip_scale(opt, torch.tensor(3.0), float("inf"))
+    assert opt.grad_scale is None
+    assert not clips_inside_step(torch.optim.AdamW([nn.Parameter(torch.zeros(2))], foreach=False))

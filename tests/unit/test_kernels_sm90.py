@@ -62,10 +62,12 @@ for kernel, configs in ((source.grouped_gate_up_swiglu_kernel, host._GATE_UP_CON
 from moe_dist.train import adamw_bf16_moments
 adamw = adamw_bf16_moments._kernel()
 types = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "exp_avg_ptr": "*bf16", "exp_avg_sq_ptr": "*bf16",
-         "numel": "i32", "BLOCK": "constexpr"}
+         "grad_scale_ptr": "*fp32", "numel": "i32", "HAS_GRAD_SCALE": "constexpr", "BLOCK": "constexpr"}
 signature = {name: types.get(name, "fp32") for name in adamw.arg_names}
-compiled = triton.compile(ASTSource(fn=adamw, signature=signature, constexprs={(adamw.arg_names.index("BLOCK"),): 2048},
-                                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
+constants = {(adamw.arg_names.index("BLOCK"),): 2048, (adamw.arg_names.index("HAS_GRAD_SCALE"),): True}
+aligned = {(adamw.arg_names.index(name),): [["tt.divisibility", 16]]
+           for name in ("param_ptr", "grad_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "numel")}
+compiled = triton.compile(ASTSource(fn=adamw, signature=signature, constexprs=constants, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
 ptx = compiled.asm["ptx"]
 results.append(dict(kernel="adamw_bf16_moments_kernel", vector_loads="ld.global.v4" in ptx,

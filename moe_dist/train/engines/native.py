@@ -17,7 +17,8 @@ from moe_dist.metrics import DeviceMeans
 from moe_dist.moe.routing import adaptive
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.offload import OffloadedAdamW, OffloadPlan
-from moe_dist.train.optim import build_optimizer, build_scheduler, fused_by_default
+from moe_dist.train.optim import (build_optimizer, build_scheduler, clips_inside_step, fused_by_default,
+                                  set_clip_scale)
 from moe_dist.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class NativeTrainer(Trainer):
             self.optimizer = build_optimizer(self.model, self.cfg.train,
                                              prefer_fused=fused_by_default(self.device, self.cfg.parallel.fsdp))
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
+        # Not over FSDP2's DTensor gradients: the scale would meet them inside torch's fused kernel.
+        self._clips_inside_step = clips_inside_step(self.optimizer) and not self.cfg.parallel.fsdp
 
     # ------------------------------------------------------------------ checkpoints
     def state_payload(self) -> dict:
@@ -99,7 +102,11 @@ class NativeTrainer(Trainer):
                        **{f"train/{name}": value for name, value in router_losses.items()}})
         self.plan.finish_gradient_sync()
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = self.plan.clip_grad_norm_(max_norm)
+        if self._clips_inside_step:  # the optimizer's kernel scales the gradients as it reads them
+            grad_norm = self.plan.grad_norm()
+            set_clip_scale(self.optimizer, grad_norm, max_norm)
+        else:
+            grad_norm = self.plan.clip_grad_norm_(max_norm)
         means.add({"train/grad_norm": grad_norm})
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
