@@ -6,7 +6,7 @@
 #     stages: tests syncs layer dispatch train train_compile layer_compile profile
 #             train_compile_graphs logging train_profile train_reference train_autotune largest
 #             train_compile_fused
-#     (default: all but train_reference, train_autotune and largest, in that order)
+#     (default: all but train_reference, train_autotune, largest and train_compile_fused, in that order)
 #
 # Expected durations on one H100 (each stage's timeout is in the case below): tests ~1-2 min, layer ~1.5 min
 # (three shapes), train_compile ~2 min, train_compile_graphs ~2 min, logging ~1 min,
