@@ -131,7 +131,9 @@ class TrainConfig:
     bytes of state per parameter. Native engine only, not with parallel.fsdp or
     train.offload_optimizer, and with train.optimizer_impl=auto."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value. 0 disables clipping."""
+    """Clip the global gradient norm to this value. 0 disables clipping. With torch's fused AdamW
+    or train.optimizer_state_dtype=bf16 (native engine, not FSDP) the optimizer's kernel applies
+    the clip as it reads the gradients (no scaling pass of its own)."""
     seed: int = 0
     """Seed of parameter init and any training randomness."""
     eval_every: int = 50
