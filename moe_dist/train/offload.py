@@ -198,10 +198,14 @@ class OffloadedAdamW(torch.optim.AdamW):
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of all main grads (a device tensor, no host sync)."""
+        return torch.linalg.vector_norm(self.main_grads, 2)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """The 2-norm of all main grads (a device tensor, no host sync); scales them so it is at
-        most ``max_norm`` (torch's rule: ``max_norm / (norm + 1e-6)``, capped at 1)."""
-        norm = torch.linalg.vector_norm(self.main_grads, 2)
+        """:meth:`grad_norm`, then the main grads scaled so it is at most ``max_norm`` (torch's
+        rule: ``max_norm / (norm + 1e-6)``, capped at 1)."""
+        norm = self.grad_norm()
         if max_norm != float("inf"):
             self.main_grads.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
@@ -299,6 +303,9 @@ class OffloadPlan(LocalPlan):
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return self.optimizer.clip_grad_norm_(max_norm)
+
+    def grad_norm(self) -> torch.Tensor:
+        return self.optimizer.grad_norm()  # the main grads: the compute parameters hold none
 
     def save_model_and_optimizer(self, directory: Path, model: nn.Module, optimizer) -> None:
         with self.optimizer.masters_in_model():

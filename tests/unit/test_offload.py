@@ -58,7 +58,9 @@ def _train(cfg, offload: bool, clip: bool = True, steps: int = 6, checkpointing:
             out = model(rows[:, :-1])
             loss = plan.cross_entropy(out.logits, rows[:, 1:]) + sum(out.losses.values())
             (loss / accum).backward()
+        measured = plan.grad_norm()  # what the trainer reads when the optimizer clips in its step
         norms.append(plan.clip_grad_norm_(cfg.train.grad_clip if clip else float("inf")))
+        torch.testing.assert_close(measured, norms[-1])
         optimizer.step()
         scheduler.step()
     return model, optimizer, torch.stack(norms)
