@@ -202,6 +202,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         """The 2-norm of all main grads (a device tensor, no host sync)."""
         return torch.linalg.vector_norm(self.main_grads, 2)
 
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """:meth:`grad_norm`, then the main grads scaled so it is at most ``max_norm`` (torch's
         rule: ``max_norm / (norm + 1e-6)``, capped at 1)."""
