@@ -44,11 +44,10 @@ def fused_by_default(device: torch.device, fsdp: bool) -> bool:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, prefer_fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`, implemented as ``cfg.optimizer_impl`` says, or with bf16
     moments (``cfg.optimizer_state_dtype``)."""
+    groups, hyper = param_groups(model, cfg.weight_decay), dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if cfg.optimizer_state_dtype == "bf16":
-        return AdamWBf16Moments(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                eps=1e-8)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=1e-8, **adamw_implementation(cfg.optimizer_impl, prefer_fused))
+        return AdamWBf16Moments(groups, **hyper)
+    return torch.optim.AdamW(groups, **hyper, **adamw_implementation(cfg.optimizer_impl, prefer_fused))
 
 
 def clips_inside_step(optimizer: torch.optim.Optimizer) -> bool:
